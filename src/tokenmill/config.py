@@ -1,0 +1,83 @@
+"""One tree of dataclasses, built once (from the CLI or the offline API) and passed down.
+
+Nothing here reads environment variables at import time; `EngineConfig.from_kwargs` is the
+only place that turns user input into validated settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    # Total KV slots (tokens) across all sequences; None: derive from memory.
+    max_batch_total_tokens: int | None = None
+    # Fraction of free host RAM (CPU) or free device memory (CUDA) for the KV cache.
+    memory_fraction: float = 0.3
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if not 0 < self.memory_fraction <= 0.95:
+            raise ValueError("memory_fraction must be in (0, 0.95]")
+        if self.max_batch_total_tokens is not None and self.max_batch_total_tokens < self.block_size:
+            raise ValueError("max_batch_total_tokens must hold at least one block")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    # Token budget of one forward pass (prefill chunks + decodes), TGI's --max-batch-prefill-tokens.
+    max_batch_prefill_tokens: int = 2048
+    max_num_seqs: int = 256  # running sequences at once
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_prefill_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("scheduler budgets must be positive")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model_id: str | None = None  # None: the embedded default model
+    revision: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    attention_backend: str = "auto"
+    seed: int = 0  # base seed for requests that give none
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Route flat keyword arguments to the sub-config that owns them (nano-vllm style)."""
+        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
+        owners = {
+            name: part
+            for part, klass in (("model", ModelConfig), ("cache", CacheConfig),
+                                ("scheduler", SchedulerConfig))
+            for name in (f.name for f in dataclasses.fields(klass))
+        }
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise TypeError(f"unknown engine option {key!r}")
+            parts[owners[key]][key] = value
+        return cls(
+            model=ModelConfig(**parts["model"]),
+            cache=CacheConfig(**parts["cache"]),
+            scheduler=SchedulerConfig(**parts["scheduler"]),
+        )

@@ -1,0 +1,129 @@
+"""The asynchronous engine API the HTTP server uses: submit, iterate outputs as they come, abort.
+
+The engine loop runs on one background thread; callers on the asyncio loop talk to it through
+a thread-safe command queue, and outputs come back with `call_soon_threadsafe`. Validation and
+tokenization run in the caller, so a bad request fails fast and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.frontend.llm_engine import LLMEngine
+from tokenmill.frontend.outputs import RequestOutput
+from tokenmill.protocol import EngineRequest, SamplingParams
+
+logger = logging.getLogger("tokenmill.async")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        return cls(LLMEngine.from_config(config))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, adapter_id: str | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        er = self.engine.prepare(prompt, params, request_id, adapter_id)
+        rid = er.request_id
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        with self._lock:
+            if rid in self._streams:
+                raise ValueError(f"duplicate request id {rid!r}")
+            self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", er))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(rid, None)
+            if not finished:  # the consumer went away (client disconnect, cancellation)
+                self._commands.put(("abort", rid))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("noop", None))
+        self._thread.join(timeout)
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _deliver(self, rid: str, item: Any) -> None:
+        with self._lock:
+            target = self._streams.get(rid)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle(self, cmd: str, arg: Any) -> None:
+        if cmd == "add":
+            er: EngineRequest = arg
+            try:
+                self.engine.add_prepared(er)
+            except ValueError as e:
+                self._deliver(er.request_id, e)
+        elif cmd == "abort":
+            self.engine.abort(arg)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished
+                try:
+                    cmd, arg = self._commands.get(block=block, timeout=0.1 if block else None)
+                    self._handle(cmd, arg)
+                    while True:  # drain whatever else arrived
+                        cmd, arg = self._commands.get_nowait()
+                        self._handle(cmd, arg)
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished:
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, copy.copy(out))
+        except BaseException as e:  # a dead engine must fail every waiter, not hang them
+            logger.exception("engine loop died")
+            self.error = e
+            with self._lock:
+                streams = list(self._streams)
+            for rid in streams:
+                self._deliver(rid, EngineDeadError(f"engine failed: {e}"))

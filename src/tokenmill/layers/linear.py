@@ -1,0 +1,53 @@
+"""Linear layers. Packed variants (QKV, gate/up) load several checkpoint tensors into one
+weight so one matmul serves them; `weight_loader` knows where each shard goes. This class is
+the single hook point for LoRA, quantized weights and tensor-parallel sharding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False)
+                     if bias else None)
+
+    # Ordered (shard name, number of output rows); one shard for a plain layer.
+    def shards(self) -> list[tuple[str, int]]:
+        return [("", self.out_features)]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str = "") -> None:
+        offset = 0
+        for name, rows in self.shards():
+            if name == shard:
+                target = param.data.narrow(0, offset, rows)
+                if target.shape != loaded.shape:
+                    raise ValueError(f"shape mismatch for shard {shard or 'weight'}: "
+                                     f"checkpoint {tuple(loaded.shape)}, model {tuple(target.shape)}")
+                target.copy_(loaded)
+                return
+            offset += rows
+        raise KeyError(f"unknown shard {shard!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked on the output dim (qkv, gate_up)."""
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool = False):
+        super().__init__(in_features, sum(rows for _, rows in parts), bias)
+        self._parts = parts
+
+    def shards(self) -> list[tuple[str, int]]:
+        return self._parts
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(y.split([rows for _, rows in self._parts], dim=-1))

@@ -1,0 +1,232 @@
+"""Llama family (Llama 2/3.x, SmolLM2, TinyLlama): the reference decoder the others extend.
+
+Options the other families switch on: attention bias (Qwen2), per-head q/k RMSNorm (Qwen3),
+a sliding window (Mistral).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The subset of a Hugging Face config.json the decoder needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], **overrides: Any) -> ArchConfig:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope_scaling = cfg.get("rope_scaling")
+        rope_theta = cfg.get("rope_theta")
+        rope_params = cfg.get("rope_parameters")  # transformers 5 folds theta and scaling here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_scaling or rope_params
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg.get('hidden_act')!r}")
+        args: dict[str, Any] = dict(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+        )
+        args.update(overrides)
+        return cls(**args)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [("q", q), ("k", kv), ("v", kv)],
+                                     bias=cfg.attention_bias)
+        self.o_proj = Linear(q, cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
+                                      cfg.rope_theta, cfg.rope_scaling)
+        self.backend = backend
+        self.scale = cfg.head_dim ** -0.5
+        self.kv_cache = torch.empty(0)  # bound by the runner once the cache is allocated
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm.plain(q), self.k_norm.plain(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, [("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)])
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, backend)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name → (module name in this model, shard of the packed weight)
+    packed_modules_mapping: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+
+    @classmethod
+    def arch_config(cls, hf_config: dict[str, Any]) -> ArchConfig:
+        return ArchConfig.from_hf(hf_config)
+
+    def __init__(self, cfg: ArchConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden]; `compute_logits` projects the rows kept."""
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        c = self.cfg
+        return (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+
+    def bind_kv_cache(self, cache: torch.Tensor) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.kv_cache = cache[i]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) in; returns the names of params loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            target, shard = name, ""
+            for ckpt, (mod, shard_id) in self.packed_modules_mapping.items():
+                if f".{ckpt}." in name:
+                    target, shard = name.replace(f".{ckpt}.", f".{mod}."), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
+            module = self.get_submodule(target.rsplit(".", 1)[0])
+            if isinstance(module, Linear) and target.endswith("weight"):
+                module.weight_loader(param, tensor, shard)
+            elif isinstance(module, MergedLinear) or shard:
+                _load_bias_shard(module, param, tensor, shard)  # type: ignore[arg-type]
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch for {name}: checkpoint "
+                                     f"{tuple(tensor.shape)}, model {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            loaded.add(f"{target}#{shard}")
+        return loaded
+
+    def expected_weights(self) -> set[str]:
+        names: set[str] = set()
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                if name == "lm_head" and self.cfg.tie_word_embeddings:
+                    continue
+                for shard, _ in module.shards():
+                    names.add(f"{name}.weight#{shard}")
+                    if module.bias is not None:
+                        names.add(f"{name}.bias#{shard}")
+            elif isinstance(module, (RMSNorm, nn.Embedding)):
+                names.add(f"{name}.weight#")
+        return names
+
+
+def _load_bias_shard(module: Linear, param: nn.Parameter, loaded: torch.Tensor,
+                     shard: str) -> None:
+    offset = 0
+    for name, rows in module.shards():
+        if name == shard:
+            param.data.narrow(0, offset, rows).copy_(loaded)
+            return
+        offset += rows
+    raise KeyError(shard)

@@ -1,0 +1,130 @@
+"""Build the device side from config: resolve the model, pick device and dtype, load weights,
+size and allocate the KV cache, and hand back a ready ModelRunner."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.layers.attention import get_attention_backend
+from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
+from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.registry import get_model_class
+from tokenmill.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("tokenmill.loading")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("avx512_bf16" in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" or cpu_has_avx512_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    hf_config: dict[str, Any]
+    generation_config: dict[str, Any]
+    model: LlamaForCausalLM
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    source = resolve_model(cfg.model_id, revision=cfg.revision,
+                           token=os.environ.get("HF_TOKEN"))
+    hf_config = source.config()
+    try:
+        model_cls = get_model_class(hf_config)
+        arch = model_cls.arch_config(hf_config)
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{source.path}: {e}") from e
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    backend = get_attention_backend(cfg.attention_backend, device)
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(arch, backend)
+    finally:
+        torch.set_default_dtype(prev)
+    try:
+        loaded = model.load_weights(source.iter_weights())
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{source.path}: {e}") from e
+    missing = model.expected_weights() - loaded
+    if missing:
+        names = ", ".join(sorted(m.replace("#", ":").rstrip(":") for m in missing)[:5])
+        raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights ({names})")
+    model.eval()
+    logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
+                type(model).__name__, device, str(dtype).removeprefix("torch."),
+                time.perf_counter() - t0)
+    return LoadedModel(source, hf_config, source.generation_config(), model, device, dtype)
+
+
+def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+    c = model.cfg
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * dtype.itemsize
+
+
+def num_kv_blocks(lm: LoadedModel, cache: CacheConfig) -> int:
+    bs = cache.block_size
+    if cache.max_batch_total_tokens is not None:
+        return -(-cache.max_batch_total_tokens // bs)
+    per_block = kv_bytes_per_token(lm.model, lm.dtype) * bs
+    blocks = int(_free_memory_bytes(lm.device) * cache.memory_fraction) // per_block
+    if blocks < 1:
+        raise RuntimeError("not enough free memory for a single KV block")
+    return blocks
+
+
+def build_runner(lm: LoadedModel, cache: CacheConfig) -> ModelRunner:
+    blocks = num_kv_blocks(lm, cache)
+    runner = ModelRunner(lm.model, lm.model.layers[0].self_attn.backend, lm.device, blocks,
+                         cache.block_size, lm.dtype)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", blocks,
+                cache.block_size, blocks * cache.block_size,
+                blocks * cache.block_size * kv_bytes_per_token(lm.model, lm.dtype) / 2**30)
+    return runner
