@@ -95,7 +95,8 @@ def _open_reader(path_str: str, mtime_ns: int, size: int) -> GGUFReader:
     except Exception as e:  # GGUFReader raises ValueError, IndexError, KeyError, ...
         raise _fail(
             path,
-            f"corrupt or truncated GGUF file ({type(e).__name__}: {e or 'unexpected end'})",
+            f"corrupt or truncated GGUF file ({size} bytes): its header could not be parsed"
+            f" ({type(e).__name__}: {e or 'unexpected end of data'})",
         ) from e
     _check_tensor_extents(path, reader, size)
     return reader
