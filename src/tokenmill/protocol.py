@@ -29,7 +29,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     Semantics follow TGI where TGI has the parameter (repetition_penalty, typical_p,
     top_n_tokens) and OpenAI / vLLM otherwise (frequency/presence penalty, min_p).
-    ``temperature == 0`` means greedy. Filters are disabled at their neutral values:
+    ``temperature == 0`` (or below 1e-5) means greedy. Filters are disabled at their neutral values:
     top_k <= 0, top_p >= 1, typical_p >= 1, min_p <= 0, penalties at 1.0 / 0.0.
     """
 
@@ -91,7 +91,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small only overflow the logits; treat them as greedy (vLLM does).
+        return self.temperature < 1e-5
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

@@ -138,10 +138,11 @@ class SamplingMetadata:
     sample_rows: torch.Tensor | None = None  # batch rows that sample; None: all rows
     keys: torch.Tensor | None = None  # [num_sampled] int64 RNG stream keys
     temperature: torch.Tensor | None = None  # [num_sampled, 1]; None: all 1.0
-    # top_p rows, with their top_k, go through one ascending sort.
-    sort_rows: torch.Tensor | None = None
-    sort_top_k_pos: torch.Tensor | None = None  # [n, 1] position V - k in ascending order
-    sort_top_p: torch.Tensor | None = None  # [n, 1]; None: no row uses top_p
+    # top_p rows, with their top_k: one descending sort (or top-M candidates on CPU).
+    nucleus_rows: torch.Tensor | None = None
+    nucleus_k: torch.Tensor | None = None  # [n, 1] top_k clamped to vocab_size; 0: none
+    nucleus_p: torch.Tensor | None = None  # [n, 1]; None: no row uses top_p
+    nucleus_k_max: int = 0
     # top_k rows without top_p use torch.topk.
     topk_rows: torch.Tensor | None = None
     topk_pos: torch.Tensor | None = None  # [n, 1] k - 1; None: unused
@@ -188,6 +189,13 @@ def _put(x: torch.Tensor, rows: torch.Tensor | None, sub: torch.Tensor) -> None:
 
 class Sampler:
     """Turns one step's logits into one token per row (plus logprobs)."""
+
+    #: CPU only: top_p first looks at this many top candidates before sorting a whole row.
+    nucleus_candidates: int = 256
+    #: CPU only: the noise is generated this many elements at a time, to stay in cache.
+    noise_chunk_elems: int = 1 << 18
+    #: prompt_logprobs works on this many logits at a time.
+    prompt_chunk_elems: int = 1 << 24
 
     def __init__(self, vocab_size: int, device: torch.device | str = "cpu") -> None:
         if vocab_size < 1:
@@ -249,7 +257,7 @@ class Sampler:
                 meta.mask_index = idx
 
         # Sampled rows and their filters (indices relative to the sampled subset).
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         ns = len(sampled)
         meta.num_sampled = ns
         if ns:
@@ -261,10 +269,11 @@ class Sampler:
 
             top_p = [j for j, r in enumerate(srows) if r.params.top_p < 1.0]
             if top_p:
-                meta.sort_rows = _rows_or_all(top_p, ns, dev)
+                meta.nucleus_rows = _rows_or_all(top_p, ns, dev)
                 ks = [min(srows[j].params.top_k, V) for j in top_p]
-                meta.sort_top_k_pos = tensor([V - k if k > 0 else 0 for k in ks]).unsqueeze(1)
-                meta.sort_top_p = _column([srows[j].params.top_p for j in top_p], dev)
+                meta.nucleus_k = tensor(ks).unsqueeze(1)
+                meta.nucleus_k_max = max(ks)
+                meta.nucleus_p = _column([srows[j].params.top_p for j in top_p], dev)
 
             top_k = [j for j, r in enumerate(srows)
                      if 0 < r.params.top_k < V and r.params.top_p >= 1.0]
@@ -315,26 +324,70 @@ class Sampler:
         if meta.mask_index is not None:
             flat.index_fill_(0, meta.mask_index, float("-inf"))
 
+    def _nucleus_threshold(
+        self, x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, k_max: int
+    ) -> torch.Tensor:
+        """Per-row logit threshold ``[n, 1]`` of top_k followed by top_p (HF semantics).
+
+        Both filters keep a prefix of the row sorted descending, so each reduces to "keep
+        logits >= the last kept value" (ties at the boundary are all kept). HF removes a token
+        when the ascending cumulative mass up to it is <= 1 - top_p; equivalently, in
+        descending order, when the mass strictly before it is >= top_p.
+
+        On CPU a full sort of a 50k vocabulary costs ~2 ms per row, while the nucleus is
+        usually far smaller, so the first ``nucleus_candidates`` values come from ``topk``
+        and only rows whose nucleus reaches past them are sorted in full. Elsewhere (GPU)
+        one full sort, with no host synchronization.
+        """
+        V = x.shape[1]
+        m = V
+        if x.device.type == "cpu":
+            m = min(V, max(self.nucleus_candidates, 2 * k_max))
+        thresh, covered = self._nucleus_part(x, k, p, m)
+        if m < V:
+            missing = (~covered).nonzero().squeeze(1)  # host sync: free on CPU
+            if missing.numel():
+                full, _ = self._nucleus_part(x[missing], k[missing], p[missing], V)
+                thresh[missing] = full
+        return thresh
+
     @staticmethod
-    def _filter(x: torch.Tensor, meta: SamplingMetadata) -> None:
+    def _nucleus_part(
+        x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Threshold from the top ``m`` values, and whether those were enough, per row."""
+        V = x.shape[1]
+        if m < V:
+            vals = torch.topk(x, m, dim=-1, sorted=True).values
+        else:
+            vals = torch.sort(x, dim=-1, descending=True).values
+        has_k = k > 0
+        kth = vals.gather(1, (k - 1).clamp(min=0))
+        vals.masked_fill_((vals < kth) & has_k, float("-inf"))
+        # Rows with top_k (k <= m) have all their mass among the candidates; the others
+        # normalize over the whole row.
+        lse = torch.where(has_k, torch.logsumexp(vals, dim=-1, keepdim=True),
+                          torch.logsumexp(x, dim=-1, keepdim=True))
+        probs = (vals - lse).exp_()
+        cum = probs.cumsum(dim=-1)
+        n_keep = (cum - probs < p).sum(dim=-1, keepdim=True).clamp_(min=1)
+        thresh = vals.gather(1, n_keep - 1)
+        covered = (n_keep < m) | (cum[:, -1:] >= p) | has_k | (m == V)
+        return thresh, covered.squeeze(1)
+
+    def _filter(self, x: torch.Tensor, meta: SamplingMetadata) -> None:
         """Temperature and the top_k / top_p / typical_p / min_p filters, in place."""
         neg_inf = float("-inf")
         V = x.shape[1]
         if meta.temperature is not None:
             x.div_(meta.temperature)
 
-        if meta.sort_top_p is not None and meta.sort_top_k_pos is not None:
-            # One ascending sort (HF TopP order) serves top_k and top_p for these rows. Both
-            # keep a suffix of the sorted row, so each becomes a per-row logit threshold.
-            sub = _take(x, meta.sort_rows)
-            srt = torch.sort(sub, dim=-1).values
-            kth = srt.gather(1, meta.sort_top_k_pos)
-            srt.masked_fill_(srt < kth, neg_inf)
-            cum = srt.softmax(dim=-1).cumsum_(dim=-1)
-            n_drop = (cum <= 1.0 - meta.sort_top_p).sum(dim=-1, keepdim=True)
-            thresh = srt.gather(1, n_drop.clamp_(max=V - 1))
+        if meta.nucleus_p is not None and meta.nucleus_k is not None:
+            sub = _take(x, meta.nucleus_rows)
+            thresh = self._nucleus_threshold(sub, meta.nucleus_k, meta.nucleus_p,
+                                             meta.nucleus_k_max)
             sub.masked_fill_(sub < thresh, neg_inf)
-            _put(x, meta.sort_rows, sub)
+            _put(x, meta.nucleus_rows, sub)
 
         if meta.topk_pos is not None:
             sub = _take(x, meta.topk_rows)
@@ -350,7 +403,7 @@ class Sampler:
             ent = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
             shifted = (logp.neg() - ent).abs_()
             s_shift, order = torch.sort(shifted, dim=-1)
-            cum = sub.gather(1, order).softmax(dim=-1).cumsum_(dim=-1)
+            cum = logp.gather(1, order).exp_().cumsum_(dim=-1)
             last = (cum < meta.typical_mass).sum(dim=-1, keepdim=True).clamp_(max=V - 1)
             sub.masked_fill_(shifted > s_shift.gather(1, last), neg_inf)
             _put(x, meta.typical_rows, sub)
@@ -393,6 +446,16 @@ class Sampler:
 
     # ---------------------------------------------------------------- sampling
 
+    def _add_gumbel(self, x: torch.Tensor, keys: torch.Tensor) -> None:
+        """x += Gumbel noise, in place: -log(-log u) with u = counter_uniform(keys, columns)."""
+        n = x.shape[0]
+        rows = n
+        if x.device.type == "cpu":  # row blocks that fit in cache; one block elsewhere
+            rows = max(1, self.noise_chunk_elems // self.vocab_size)
+        for r in range(0, n, rows):
+            u = counter_uniform(keys[r : r + rows], self._counters)
+            x[r : r + rows].sub_(u.log_().neg_().log_())  # -log u ~ Exp(1); -log of it: Gumbel
+
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """One token per row. ``logits``: ``[B, V']`` with ``V' >= vocab_size``, any float dtype."""
         x, xs, raw_lp = self._process(logits, meta)
@@ -401,8 +464,8 @@ class Sampler:
         else:
             assert meta.keys is not None
             # Gumbel-max: argmax(l - log(-log u)); -log u is Exp(1), so log of it is -Gumbel.
-            neg_gumbel = counter_uniform(meta.keys, self._counters).log_().neg_().log_()
-            drawn = xs.sub_(neg_gumbel).argmax(dim=-1)
+            self._add_gumbel(xs, meta.keys)
+            drawn = xs.argmax(dim=-1)
             if meta.sample_rows is None:
                 tokens = drawn
             else:
@@ -441,7 +504,7 @@ class Sampler:
         if target_ids.shape != (n,):
             raise ValueError("target_ids must be [N] for logits [N, V]")
         num_top = min(max(num_top, 0), self.vocab_size)
-        chunk = max(1, (1 << 24) // self.vocab_size)
+        chunk = max(1, self.prompt_chunk_elems // self.vocab_size)
         targets = target_ids.to(device=logits.device, dtype=torch.int64)
         chosen_parts, val_parts, id_parts = [], [], []
         for start in range(0, n, chunk):
