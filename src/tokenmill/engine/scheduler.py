@@ -84,7 +84,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
-            computed = self.kv.get_computed_blocks(req)
+            # Prompt logprobs need every prompt position computed: no prefix reuse until sent.
+            skip_cache = req.params.prompt_logprobs is not None and not req.output_token_ids
+            computed = [] if skip_cache else self.kv.get_computed_blocks(req)
             num_cached = len(computed) * self.kv.block_size
             n = self._chunk_size(req, req.num_tokens - num_cached, budget)
             if n == 0 or not self.kv.allocate_slots(req, n, computed):

@@ -47,13 +47,14 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from tokenmill.loader import read_gguf
         from tokenmill.runner.loading import build_runner, load_model
         from tokenmill.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
 
         lm = load_model(config.model)
         src = lm.source
-        tokenizer = (tokenizer_from_gguf(src.path) if src.format == "gguf"
-                     else tokenizer_from_folder(src.path))
+        tokenizer = (tokenizer_from_gguf(src.path, reader=read_gguf(src.path))
+                     if src.format == "gguf" else tokenizer_from_folder(src.path))
         runner = build_runner(lm, config.cache)
         cache_tokens = runner.num_blocks * runner.block_size
         max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,

@@ -55,13 +55,14 @@ class OutputProcessor:
             out.seed = eo.seed
             out.num_cached_tokens = eo.num_cached_tokens
         delta = t.detok.step(eo.new_token_ids)
+        if eo.finish_reason is not None and not t.detok.stopped:
+            delta += t.detok.flush()  # releases held-back text, which may complete a stop string
         abort = False
         if t.detok.stopped:
             out.finished, out.finish_reason = True, FinishReason.STOP
             out.stop_reason = t.detok.stop_reason
             abort = eo.finish_reason is None
         elif eo.finish_reason is not None:
-            delta += t.detok.flush()
             out.finished, out.finish_reason = True, eo.finish_reason
         out.delta = delta
         out.text += delta

@@ -7,6 +7,8 @@ scheduler only sends full request data when a request (re)enters the batch.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,18 @@ class _ReqState:
     want_prompt_logprobs: bool
 
 
+def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """A zeroed cache. Zeros matter: padded key slots are masked, but 0 * NaN garbage in V
+    would still poison the output. On CPU an anonymous mmap gives zero pages lazily, so a
+    cache sized from free RAM costs nothing until blocks are actually used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
                  num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> None:
@@ -38,8 +52,8 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size),
-                                    dtype=kv_dtype, device=device)
+        self.kv_cache = allocate_kv_cache(model.kv_cache_shape(num_blocks, block_size),
+                                          kv_dtype, device)
         model.bind_kv_cache(self.kv_cache)
         self.sampler = Sampler(model.cfg.vocab_size, device)
         self.states: dict[str, _ReqState] = {}

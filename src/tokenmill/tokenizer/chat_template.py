@@ -155,13 +155,13 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             for seq, times in ((left, right), (right, left)):
                 if _size(seq) and isinstance(times, int) and _size(seq) * times > MAX_VALUE_SIZE:
                     raise _refuse("repetition with *")
-            if isinstance(left, int) and isinstance(right, int):
-                if left.bit_length() + right.bit_length() > _MAX_INT_BITS:
-                    raise SecurityError("chat template refused: integer product too large")
+            both_int = isinstance(left, int) and isinstance(right, int)
+            if both_int and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                raise SecurityError("chat template refused: integer product too large")
         elif operator == "**":
-            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
-                if left.bit_length() * right > _MAX_INT_BITS:
-                    raise SecurityError("chat template refused: exponent too large")
+            both_int = isinstance(left, int) and isinstance(right, int)
+            if both_int and abs(left) > 1 and right > 0 and left.bit_length() * right > _MAX_INT_BITS:
+                raise SecurityError("chat template refused: exponent too large")
         elif operator == "+":
             if _size(left) + _size(right) > MAX_VALUE_SIZE:
                 raise _refuse("concatenation with +")
@@ -169,7 +169,14 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             _check_percent_format(left, right)
         return _check_size(super().call_binop(context, operator, left, right), f"operator {operator}")
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # jinja returns an Undefined that only fails when used; fail at once instead (no
+        # legitimate chat template reads underscore or internal attributes).
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
+        )
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         for value in (*args, *kwargs.values()):
             if _size(value) > MAX_VALUE_SIZE:
                 raise _refuse("call argument")
@@ -233,7 +240,7 @@ class _TemplateDict:
 class _TemplateNamespace(jinja2.utils.Namespace):
     """`namespace(...)` refusing underscore names, and values over the size cap."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- jinja's signature trick
+    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja's signature trick
         self, rest = args[0], args[1:]
         attrs = dict(*rest, **kwargs)
         for name, value in attrs.items():
@@ -373,7 +380,7 @@ def _run_with_deadline(fn: Callable[[], str], timeout_s: float) -> str:
     def target() -> None:
         try:
             outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
+        except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
         finally:
             done.set()

@@ -282,10 +282,12 @@ def tokenizer_from_folder(path: str | Path) -> Tokenizer:
     `tokenizer_config.json` and `special_tokens_map.json` (optional), `chat_template.jinja`
     (optional; wins over the config's `chat_template`).
 
-    BOS/EOS follow transformers: if the config sets `add_bos_token`/`add_eos_token`, or
-    tokenizer.json has no post-processor, those flags decide; otherwise tokenizer.json's own
-    post-processor (for example Llama 3's TemplateProcessing adding `<|begin_of_text|>`) runs
-    on ``encode(add_special_tokens=True)``.
+    BOS/EOS follow transformers 5.x: when tokenizer.json has a post-processor (for example
+    Llama 3's TemplateProcessing adding `<|begin_of_text|>`), it alone decides what
+    ``encode(add_special_tokens=True)`` adds -- transformers 5 ignores the config's
+    `add_bos_token`/`add_eos_token` whenever tokenizer.json exists. When tokenizer.json has no
+    post-processor, we follow the config's flags (transformers 4.x behaviour; 5.x would add
+    nothing).
     """
     folder = Path(path)
     tokenizer_file = folder / "tokenizer.json"
@@ -321,8 +323,7 @@ def tokenizer_from_folder(path: str | Path) -> Tokenizer:
         if value is not None:
             extra[name] = value
 
-    explicit = "add_bos_token" in config or "add_eos_token" in config
-    if explicit or tok.post_processor is None:
+    if tok.post_processor is None:
         add_bos = bool(config.get("add_bos_token", False))
         add_eos = bool(config.get("add_eos_token", False))
         keep = False
