@@ -19,8 +19,7 @@ import torch
 from tokenmill.llm import LLM
 from tokenmill.protocol import SamplingParams
 
-WORDS = ("river stone light garden number engine market winter letter silver forest question "
-         "music window history planet").split()
+WORDS = ["river", "stone", "light", "garden", "number", "engine", "market", "winter", "letter", "silver", "forest", "question", "music", "window", "history", "planet"]
 
 
 def make_prompts(tok, n: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -7,8 +7,7 @@ import random
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.protocol import SamplingParams
 
-WORDS = ("river stone light garden number engine market winter letter silver forest "
-         "question music window history planet").split()
+WORDS = ["river", "stone", "light", "garden", "number", "engine", "market", "winter", "letter", "silver", "forest", "question", "music", "window", "history", "planet"]
 
 
 def mixed_prompts(n: int, seed: int = 0) -> list[str]:
@@ -52,7 +51,7 @@ def test_seeded_sampling_reproducible_across_batches(llm32) -> None:
     others = mixed_prompts(10, seed=4)
     noise = [SamplingParams(max_new_tokens=15, temperature=1.3, repetition_penalty=1.2)] * 10
     mixed = run_staggered(llm32, others[:5] + prompts + others[5:], noise[:5] + sp + noise[5:],
-                          [0, 2, 1, 0, 5] + [3, 0, 7, 1, 0, 4] + [0, 0, 2, 9, 1])
+                          [0, 2, 1, 0, 5, 3, 0, 7, 1, 0, 4, 0, 0, 2, 9, 1])
     assert [o.token_ids for o in mixed[5:11]] == alone
     assert len({tuple(t) for t in alone}) == 6
     # A request that gives no seed gets one back, and that seed reproduces it.

@@ -82,7 +82,7 @@ def test_eos_and_min_new_tokens() -> None:
     exp = expected_output(p, 50)
     eos = exp[3]
     add(core, "a", p, max_new=50, eos=[eos])
-    add(core, "b", [9] + p, max_new=50, eos=[eos], ignore_eos=True)
+    add(core, "b", [9, *p], max_new=50, eos=[eos], ignore_eos=True)
     res = run_all(core)
     assert res["a"] == (exp[:4], FinishReason.EOS)
     assert res["b"][1] == FinishReason.LENGTH and len(res["b"][0]) == 50

@@ -41,6 +41,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         # float32 tables; cast to the activation dtype at use, as transformers does.
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 

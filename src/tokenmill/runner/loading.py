@@ -122,7 +122,7 @@ def num_kv_blocks(lm: LoadedModel, cache: CacheConfig) -> int:
 
 def build_runner(lm: LoadedModel, cache: CacheConfig) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
-    runner = ModelRunner(lm.model, lm.model.layers[0].self_attn.backend, lm.device, blocks,
+    runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks,
                          cache.block_size, lm.dtype)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", blocks,
                 cache.block_size, blocks * cache.block_size,

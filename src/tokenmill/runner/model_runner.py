@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,19 @@ class _ReqState:
     seed: int
     stop_token_ids: list[int]
     want_prompt_logprobs: bool
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Flat inputs of one step, and which rows of the output matter."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # last token of each sampled chunk
+    sample_ids: list[str] = field(default_factory=list)
+    plp_rows: list[int] = field(default_factory=list)  # rows that score a prompt token
+    plp_targets: list[int] = field(default_factory=list)
+    plp_spans: list[tuple[str, int]] = field(default_factory=list)
 
 
 def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
@@ -60,6 +73,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        self._update_states(so)
+        out = RunnerOutput()
+        if so.is_empty:
+            return out
+        batch = self._prepare_inputs(so)
+        meta = self.backend.build_metadata(
+            query_lens=[len(c.token_ids) for c in so.chunks],
+            context_lens=[c.start + len(c.token_ids) for c in so.chunks],
+            block_tables=[c.block_ids for c in so.chunks],
+            block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
+            device=self.device)
+        ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, meta)
+        if batch.plp_rows:
+            self._prompt_logprobs(hidden, batch, out)
+        if batch.sample_rows:
+            self._sample(hidden, batch, out)
+        return out
+
+    def _update_states(self, so: SchedulerOutput) -> None:
         for rid in (*so.finished_req_ids, *so.preempted_req_ids):
             self.states.pop(rid, None)
         for nr in so.new_requests:
@@ -68,67 +102,45 @@ class ModelRunner:
                 seed=nr.seed, stop_token_ids=nr.stop_token_ids,
                 want_prompt_logprobs=nr.params.prompt_logprobs is not None
                 and not nr.output_token_ids)
-        out = RunnerOutput()
-        if so.is_empty:
-            return out
 
-        input_ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []  # flat index of the last token of each sampled chunk
-        sample_ids: list[str] = []
-        plp_rows: list[int] = []  # flat indices whose logits score the next prompt token
-        plp_targets: list[int] = []
-        plp_spans: list[tuple[str, int]] = []
+    def _prepare_inputs(self, so: SchedulerOutput) -> _Batch:
+        b = _Batch()
         for chunk in so.chunks:
-            base = len(input_ids)
-            n = len(chunk.token_ids)
-            input_ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start, chunk.start + n))
+            base, n = len(b.input_ids), len(chunk.token_ids)
+            b.input_ids.extend(chunk.token_ids)
+            b.positions.extend(range(chunk.start, chunk.start + n))
             if chunk.sample:
-                sample_rows.append(base + n - 1)
-                sample_ids.append(chunk.request_id)
+                b.sample_rows.append(base + n - 1)
+                b.sample_ids.append(chunk.request_id)
             st = self.states[chunk.request_id]
             if st.want_prompt_logprobs:
-                last = min(chunk.start + n, len(st.prompt) - 1)  # targets exist up to here
-                rows = list(range(base, base + max(0, last - chunk.start)))
-                plp_rows.extend(rows)
-                plp_targets.extend(st.prompt[chunk.start + 1: chunk.start + 1 + len(rows)])
-                plp_spans.append((chunk.request_id, len(rows)))
+                # Row i scores prompt token start + i + 1, which exists up to the prompt's end.
+                k = max(0, min(chunk.start + n, len(st.prompt) - 1) - chunk.start)
+                b.plp_rows.extend(range(base, base + k))
+                b.plp_targets.extend(st.prompt[chunk.start + 1:chunk.start + 1 + k])
+                b.plp_spans.append((chunk.request_id, k))
+        return b
 
-        meta = self.backend.build_metadata(
-            query_lens=[len(c.token_ids) for c in so.chunks],
-            context_lens=[c.start + len(c.token_ids) for c in so.chunks],
-            block_tables=[c.block_ids for c in so.chunks],
-            block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
-            device=self.device)
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids_t, pos_t, meta)
+    def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden[b.sample_rows]).float()
+        rows = []
+        for rid in b.sample_ids:
+            st = self.states[rid]
+            rows.append(SamplingRow(params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
+                                    output_token_ids=st.output,
+                                    stop_token_ids=st.stop_token_ids))
+        result = self.sampler.sample(logits, self.sampler.prepare(rows))
+        for rid, tok, lp in zip(b.sample_ids, result.token_ids, result.logprobs):
+            self.states[rid].output.append(tok)
+            out.sampled[rid] = tok
+            if lp is not None:
+                out.logprobs[rid] = lp
 
-        if plp_rows:
-            self._prompt_logprobs(hidden, plp_rows, plp_targets, plp_spans, out)
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows]).float()
-            rows = []
-            for rid in sample_ids:
-                st = self.states[rid]
-                rows.append(SamplingRow(params=st.params, seed=st.seed,
-                                        prompt_token_ids=st.prompt, output_token_ids=st.output,
-                                        stop_token_ids=st.stop_token_ids))
-            result = self.sampler.sample(logits, self.sampler.prepare(rows))
-            for rid, tok, lp in zip(sample_ids, result.token_ids, result.logprobs):
-                self.states[rid].output.append(tok)
-                out.sampled[rid] = tok
-                if lp is not None:
-                    out.logprobs[rid] = lp
-        return out
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int],
-                         spans: list[tuple[str, int]], out: RunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[rows]).float()
-        tgt = torch.tensor(targets, dtype=torch.long, device=self.device)
+    def _prompt_logprobs(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden[b.plp_rows]).float()
+        tgt = torch.tensor(b.plp_targets, dtype=torch.long, device=self.device)
         offset = 0
-        for rid, n in spans:
+        for rid, n in b.plp_spans:
             num_top = self.states[rid].params.prompt_logprobs or 0
             out.prompt_logprobs[rid] = self.sampler.prompt_logprobs(
                 logits[offset:offset + n], tgt[offset:offset + n], num_top)
