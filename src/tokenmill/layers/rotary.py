@@ -45,12 +45,23 @@ class RotaryEmbedding(nn.Module):
         self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Cast once per dtype: the same values transformers gets by casting at every call.
+        if self.cos.dtype == dtype:
+            return self.cos, self.sin
+        cached = self._cast.get(dtype)
+        if cached is None or cached[0].device != self.cos.device:
+            cached = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        return cached
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos_t, sin_t = self._tables(q.dtype)
+        cos = cos_t[positions].unsqueeze(1)
+        sin = sin_t[positions].unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         c = self.cfg
-        return (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return (c.num_layers, 2, c.num_kv_heads, num_blocks, block_size, c.head_dim)
 
     def bind_kv_cache(self, cache: torch.Tensor) -> None:
         for i, layer in enumerate(self.layers):
