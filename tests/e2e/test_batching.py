@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+import torch
+
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.protocol import SamplingParams
 
@@ -92,3 +95,18 @@ def test_prefix_cache_reuse(llm32) -> None:
     # A different continuation still reuses the shared part.
     third = llm32.generate([shared + tok.encode(" Another ending")], params)[0]
     assert third.num_cached_tokens >= 192
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_engine_matches_cpu(llm32) -> None:
+    from tokenmill.llm import LLM
+
+    prompts = mixed_prompts(8, seed=7)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    cpu = [o.token_ids for o in llm32.generate(prompts, params)]
+    gpu_llm = LLM(dtype="float32", device="cuda", max_batch_total_tokens=32768)
+    assert [o.token_ids for o in gpu_llm.generate(prompts, params)] == cpu
+    seeded = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=5)
+    assert (gpu_llm.generate(prompts[0], seeded)[0].token_ids
+            == llm32.generate(prompts[0], seeded)[0].token_ids)

@@ -48,13 +48,19 @@ def make_tiny(arch: str, path: Path) -> torch.nn.Module:
     return model
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_logits_match_transformers(arch: str, tmp_path: Path) -> None:
+def test_logits_match_transformers(arch: str, device: str, tmp_path: Path) -> None:
     ref = make_tiny(arch, tmp_path)
-    lm = load_model(ModelConfig(model_id=str(tmp_path), dtype="float32", device="cpu"))
+    lm = load_model(ModelConfig(model_id=str(tmp_path), dtype="float32", device=device))
     model = lm.model
+    dev = torch.device(device)
     block_size, num_blocks = 4, 40
-    cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size))
+    cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size), device=dev)
     model.bind_kv_cache(cache)
     backend = TorchPagedAttention()
     # A scattered block table, so paging is really exercised.
@@ -66,10 +72,11 @@ def test_logits_match_transformers(arch: str, tmp_path: Path) -> None:
 
     def run(start: int, chunk: list[int]) -> torch.Tensor:
         meta = backend.build_metadata([len(chunk)], [start + len(chunk)], [table], block_size,
-                                      window, torch.device("cpu"))
+                                      window, dev)
         with torch.inference_mode():
-            h = model(torch.tensor(chunk), torch.arange(start, start + len(chunk)), meta)
-            return model.compute_logits(h)
+            h = model(torch.tensor(chunk, device=dev),
+                      torch.arange(start, start + len(chunk), device=dev), meta)
+            return model.compute_logits(h).cpu()
 
     def reference(seq: list[int]) -> torch.Tensor:
         with torch.inference_mode():
