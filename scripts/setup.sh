@@ -16,6 +16,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.1
 fi
 if [ "$extra" = "test" ]; then spec=".[test]"; else spec="."; fi
 pip install -e "$spec"
+if [ "$extra" = "test" ]; then
+  # TGI's own Python client pins huggingface_hub<1 but runs fine with 2.x: no deps.
+  pip install --no-deps "text-generation==0.7.0"
+fi
 "$PY" - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"

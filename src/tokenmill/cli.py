@@ -10,13 +10,18 @@ from typing import Any
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model-id", default=None,
+    g.add_argument("--model-id", default=_env_default("--model-id", str, None),
                    help="local folder, .gguf file or Hub id (default: embedded SmolLM2-135M)")
-    g.add_argument("--revision", default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-batch-total-tokens", type=int, default=None)
-    g.add_argument("--max-batch-prefill-tokens", type=int, default=2048)
+    g.add_argument("--revision", default=_env_default("--revision", str, None))
+    g.add_argument("--dtype", default=_env_default("--dtype", str, "auto"),
+                   choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=_env_default("--device", str, "auto"))
+    g.add_argument("--max-batch-total-tokens", type=int,
+                   default=_env_default("--max-batch-total-tokens", int, None),
+                   help="KV cache size in tokens (default: a fraction of free memory)")
+    g.add_argument("--max-batch-prefill-tokens", type=int,
+                   default=_env_default("--max-batch-prefill-tokens", int, 2048),
+                   help="token budget of one forward pass")
     g.add_argument("--block-size", type=int, default=16)
 
 
@@ -54,6 +59,78 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+# TGI launcher flags: (flag, type, default, help). Each also reads its UPPER_SNAKE env var.
+_SERVE_FLAGS: list[tuple[str, Any, Any, str]] = [
+    ("--hostname", str, "0.0.0.0", "address to listen on"),
+    ("--port", int, 3000, "port to listen on"),
+    ("--api-key", str, None, "require `Authorization: Bearer KEY` (not on /health, /metrics)"),
+    ("--cors-allow-origin", str, None, "comma-separated allowed CORS origins"),
+    ("--payload-limit", int, 2_000_000, "largest request body in bytes (413 past it)"),
+    ("--max-concurrent-requests", int, 128, "requests served at once (429 past it)"),
+    ("--max-best-of", int, 2, "largest best_of"),
+    ("--max-stop-sequences", int, 4, "most stop sequences per request"),
+    ("--max-top-n-tokens", int, 5, "largest top_n_tokens / top_logprobs"),
+    ("--max-input-tokens", int, None, "longest prompt (default: max-total-tokens - 1)"),
+    ("--max-total-tokens", int, None, "prompt + new tokens (default: the model's length)"),
+    ("--max-client-batch-size", int, 4, "most prompts in one /v1/completions request"),
+    ("--graceful-termination-timeout", float, 90.0, "seconds streams may run after SIGTERM"),
+]
+
+
+def _env_default(flag: str, kind: Any, default: Any) -> Any:
+    import os
+
+    raw = os.environ.get(flag.lstrip("-").replace("-", "_").upper())
+    if raw is None or raw == "":
+        return default
+    if kind is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+def _host_default() -> str:
+    # HOSTNAME is set by shells to the machine's name; TGI's images set it to an address.
+    # Honour it only when it is an address.
+    import ipaddress
+    import os
+
+    raw = os.environ.get("HOSTNAME", "")
+    try:
+        ipaddress.ip_address(raw)
+        return raw
+    except ValueError:
+        return "0.0.0.0"
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from tokenmill.config import EngineConfig, ServerConfig
+    from tokenmill.server.launcher import run_server
+
+    if a.max_input_length is not None:
+        if a.max_input_tokens is not None:
+            print("error: give --max-input-tokens or --max-input-length, not both",
+                  file=sys.stderr)
+            return 2
+        a.max_input_tokens = a.max_input_length
+    try:
+        engine = EngineConfig.from_kwargs(**_engine_kwargs(a), max_num_seqs=a.max_batch_size)
+        server = ServerConfig(
+            hostname=a.hostname, port=a.port, api_key=a.api_key,
+            cors_allow_origin=[o.strip() for o in (a.cors_allow_origin or "").split(",")
+                               if o.strip()],
+            payload_limit=a.payload_limit, max_concurrent_requests=a.max_concurrent_requests,
+            max_best_of=a.max_best_of, max_stop_sequences=a.max_stop_sequences,
+            max_top_n_tokens=a.max_top_n_tokens, max_input_tokens=a.max_input_tokens,
+            max_total_tokens=a.max_total_tokens, max_client_batch_size=a.max_client_batch_size,
+            json_output=a.json_output,
+            graceful_termination_timeout=a.graceful_termination_timeout,
+            engine_mode=a.engine_mode)
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_server(engine, server)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -69,6 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
+    for name in ("serve", "launch"):
+        sp = sub.add_parser(name, help="run the HTTP server (TGI and OpenAI APIs)")
+        _engine_args(sp)
+        for flag, kind, default, help_ in _SERVE_FLAGS:
+            default = _host_default() if flag == "--hostname" else default
+            sp.add_argument(flag, type=kind, default=_env_default(flag, kind, default),
+                            help=help_)
+        sp.add_argument("--max-input-length", type=int,
+                        default=_env_default("--max-input-length", int, None),
+                        help="legacy name of --max-input-tokens")
+        sp.add_argument("--max-batch-size", type=int,
+                        default=_env_default("--max-batch-size", int, 256),
+                        help="most sequences in the running batch")
+        sp.add_argument("--json-output", action="store_true",
+                        default=_env_default("--json-output", bool, False),
+                        help="structured JSON logs")
+        sp.add_argument("--engine-mode", choices=["process", "thread"], default="process",
+                        help="run the engine in its own process (default) or a thread")
+        sp.set_defaults(func=cmd_serve)
     a = parser.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -57,6 +57,35 @@ class ModelConfig:
 
 
 @dataclass(slots=True)
+class ServerConfig:
+    """HTTP-side settings; names follow TGI's launcher flags."""
+
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    api_key: str | None = None
+    cors_allow_origin: list[str] = field(default_factory=list)
+    payload_limit: int = 2_000_000
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None  # None: max_total_tokens - 1
+    max_total_tokens: int | None = None  # None: the engine's max model length
+    max_client_batch_size: int = 4
+    json_output: bool = False
+    graceful_termination_timeout: float = 90.0
+    engine_mode: str = "process"  # process: a separate engine process; thread: in-process
+
+    def __post_init__(self) -> None:
+        if self.engine_mode not in ("process", "thread"):
+            raise ValueError("engine_mode must be 'process' or 'thread'")
+        for name in ("payload_limit", "max_concurrent_requests", "max_best_of",
+                     "max_client_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

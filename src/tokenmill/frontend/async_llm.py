@@ -3,6 +3,9 @@
 The engine loop runs on one background thread; callers on the asyncio loop talk to it through
 a thread-safe command queue, and outputs come back with `call_soon_threadsafe`. Validation and
 tokenization run in the caller, so a bad request fails fast and never reaches the engine.
+
+`MPAsyncLLM` (`frontend/mp_client.py`) offers the same interface (`engine_protocol.AsyncEngine`)
+with the engine in a separate process.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import copy
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from tokenmill.config import EngineConfig
-from tokenmill.frontend.llm_engine import LLMEngine
+from tokenmill.frontend.engine_protocol import OnDead
+from tokenmill.frontend.llm_engine import LLMEngine, ModelInfo
 from tokenmill.frontend.outputs import RequestOutput
+from tokenmill.ipc import EngineStats, collect_stats
 from tokenmill.protocol import EngineRequest, SamplingParams
 
 logger = logging.getLogger("tokenmill.async")
@@ -25,6 +30,22 @@ logger = logging.getLogger("tokenmill.async")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class _Done:
+    """An already-finished awaitable: `shutdown()` works both called and awaited."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
 
 
 class AsyncLLM:
@@ -35,6 +56,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self.on_dead: OnDead | None = None
         self._thread = threading.Thread(target=self._loop, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -49,6 +71,23 @@ class AsyncLLM:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    @property
+    def stats(self) -> EngineStats:
+        return collect_stats(self.engine.core)
+
+    async def ping(self, timeout: float = 5.0) -> EngineStats:
+        """A round trip through the engine thread's loop; raises TimeoutError if it is stuck."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[EngineStats] = loop.create_future()
+        self._commands.put(("ping", (loop, fut)))
+        return await asyncio.wait_for(fut, timeout)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, adapter_id: str | None = None,
@@ -82,10 +121,12 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self, timeout: float = 5.0) -> _Done:
+        """Stop the engine thread (blocks up to `timeout`); the result may be awaited."""
         self._stop.set()
         self._commands.put(("noop", None))
         self._thread.join(timeout)
+        return _Done()
 
     # ---- engine thread ---------------------------------------------------------------------
     def _deliver(self, rid: str, item: Any) -> None:
@@ -103,7 +144,12 @@ class AsyncLLM:
             except ValueError as e:
                 self._deliver(er.request_id, e)
         elif cmd == "abort":
-            self.engine.abort(arg)
+            out = self.engine.abort(arg)
+            if out is not None:  # an explicit abort() ends the stream (ABORT)
+                self._deliver(arg, copy.copy(out))
+        elif cmd == "ping":
+            loop, fut = arg
+            loop.call_soon_threadsafe(_resolve, fut, collect_stats(self.engine.core))
 
     def _loop(self) -> None:
         try:
@@ -127,3 +173,8 @@ class AsyncLLM:
                 streams = list(self._streams)
             for rid in streams:
                 self._deliver(rid, EngineDeadError(f"engine failed: {e}"))
+            if self.on_dead is not None:
+                try:
+                    self.on_dead()
+                except Exception:
+                    logger.exception("on_dead callback failed")

@@ -1,12 +1,13 @@
 """The in-process engine: tokenizer + EngineCore + OutputProcessor. The offline `LLM` drives it
-directly and `AsyncLLM` runs it on a background thread."""
+directly and `AsyncLLM` runs it on a background thread. `InputPreparer` (tokenize + validate)
+and `load_tokenizer` are shared with the multi-process client (`frontend/mp_client.py`)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.core import EngineCore, Runner
@@ -16,6 +17,10 @@ from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.frontend.processor import OutputProcessor
 from tokenmill.protocol import EngineRequest, SamplingParams
 from tokenmill.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tokenmill.ipc import EngineInfo
+    from tokenmill.loader import ModelSource
 
 logger = logging.getLogger("tokenmill.engine")
 
@@ -30,43 +35,34 @@ class ModelInfo:
     device: str
     num_kv_blocks: int
     block_size: int
-
-
-class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, runner: Runner,
-                 info: ModelInfo) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-        self.info = info
-        self.kv = KVCacheManager(info.num_kv_blocks, info.block_size,
-                                 config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, info.max_model_len)
-        self.core = EngineCore(self.scheduler, runner, seed=config.model.seed)
-        self.processor = OutputProcessor(tokenizer)
-        self._ids = itertools.count()
+    attention_backend: str = ""
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
-        from tokenmill.loader import read_gguf
-        from tokenmill.runner.loading import build_runner, load_model
-        from tokenmill.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+    def from_engine_info(cls, ei: EngineInfo, eos_token_ids: list[int]) -> ModelInfo:
+        return cls(model_id=ei.model_id, max_model_len=ei.max_model_len,
+                   vocab_size=ei.vocab_size, eos_token_ids=list(eos_token_ids), dtype=ei.dtype,
+                   device=ei.device, num_kv_blocks=ei.num_kv_blocks, block_size=ei.block_size,
+                   attention_backend=ei.attention_backend)
 
-        lm = load_model(config.model)
-        src = lm.source
-        tokenizer = (tokenizer_from_gguf(src.path, reader=read_gguf(src.path))
-                     if src.format == "gguf" else tokenizer_from_folder(src.path))
-        runner = build_runner(lm, config.cache)
-        cache_tokens = runner.num_blocks * runner.block_size
-        max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,
-                      config.model.max_model_len or cache_tokens)
-        info = ModelInfo(
-            model_id=src.model_id, max_model_len=max_len, vocab_size=lm.model.cfg.vocab_size,
-            eos_token_ids=_eos_ids(lm.generation_config, lm.hf_config, tokenizer),
-            dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
-            num_kv_blocks=runner.num_blocks, block_size=runner.block_size)
-        return cls(config, tokenizer, runner, info)
 
-    # ---- requests ----------------------------------------------------------------------
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    """The tokenizer of a resolved model (GGUF metadata or the folder's tokenizer files)."""
+    from tokenmill.loader import read_gguf
+    from tokenmill.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+
+    return (tokenizer_from_gguf(source.path, reader=read_gguf(source.path))
+            if source.format == "gguf" else tokenizer_from_folder(source.path))
+
+
+class InputPreparer:
+    """Front-end request preparation: tokenize, validate, fill in EOS ids (any thread)."""
+
+    def __init__(self, tokenizer: Tokenizer, info: ModelInfo, id_prefix: str = "req-") -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self._prefix = id_prefix
+        self._ids = itertools.count()
+
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
@@ -76,7 +72,7 @@ class LLMEngine:
 
     def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
                 request_id: str | None = None, adapter_id: str | None = None) -> EngineRequest:
-        """Tokenize and validate (front-end work, safe on any thread); raises ValueError."""
+        """Tokenize and validate; raises ValueError with a user-facing message."""
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)
@@ -85,9 +81,47 @@ class LLMEngine:
         if len(ids) >= self.info.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; at most "
                              f"{self.info.max_model_len - 1} are allowed")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
         return EngineRequest(request_id=rid, prompt_token_ids=ids, params=params,
                              eos_token_ids=self.info.eos_token_ids, adapter_id=adapter_id)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, runner: Runner,
+                 info: ModelInfo, *, core: EngineCore | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.info = info
+        if core is None:
+            kv = KVCacheManager(info.num_kv_blocks, info.block_size,
+                                config.cache.enable_prefix_caching)
+            core = EngineCore(Scheduler(config.scheduler, kv, info.max_model_len), runner,
+                              seed=config.model.seed)
+        self.core = core
+        self.scheduler = core.scheduler
+        self.kv = core.scheduler.kv
+        self.processor = OutputProcessor(tokenizer)
+        self.inputs = InputPreparer(tokenizer, info)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from tokenmill.runner.loading import build_core
+
+        built = build_core(config)
+        lm = built.model
+        tokenizer = load_tokenizer(built.source)
+        info = ModelInfo.from_engine_info(
+            built.engine_info(), eos_token_ids(lm.generation_config, lm.hf_config, tokenizer))
+        return cls(config, tokenizer, built.runner, info, core=built.core)
+
+    # ---- requests ----------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return self.inputs.encode(prompt)
+
+    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None,
+                request_id: str | None = None, adapter_id: str | None = None) -> EngineRequest:
+        """Tokenize and validate (front-end work, safe on any thread); raises ValueError."""
+        return self.inputs.prepare(prompt, params, request_id, adapter_id)
 
     def add_prepared(self, er: EngineRequest) -> None:
         self.core.add_request(er)
@@ -118,10 +152,13 @@ class LLMEngine:
         return results
 
 
-def _eos_ids(gen: dict[str, Any], hf: dict[str, Any], tok: Tokenizer) -> list[int]:
+def eos_token_ids(gen: dict[str, Any], hf: dict[str, Any], tok: Tokenizer) -> list[int]:
     """EOS ids: generation_config first (it may list several), then config, then tokenizer."""
     for source in (gen.get("eos_token_id"), hf.get("eos_token_id"), tok.eos_token_id):
         if source is None:
             continue
         return sorted({int(source)} if isinstance(source, int) else {int(x) for x in source})
     return []
+
+
+_eos_ids = eos_token_ids  # the old private name

@@ -1,5 +1,6 @@
 """Build the device side from config: resolve the model, pick device and dtype, load weights,
-size and allocate the KV cache, and hand back a ready ModelRunner."""
+size and allocate the KV cache, and hand back a ready ModelRunner (or a whole EngineCore:
+`build_core`, shared by the in-process `LLMEngine` and the engine process)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 
 import torch
 
-from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers.attention import get_attention_backend
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
 from tokenmill.models.llama import LlamaForCausalLM
@@ -128,3 +133,49 @@ def build_runner(lm: LoadedModel, cache: CacheConfig) -> ModelRunner:
                 cache.block_size, blocks * cache.block_size,
                 blocks * cache.block_size * kv_bytes_per_token(lm.model, lm.dtype) / 2**30)
     return runner
+
+
+@dataclass
+class BuiltCore:
+    """An engine core over a loaded model: what the engine process runs and `LLMEngine` wraps."""
+
+    core: EngineCore
+    model: LoadedModel
+    runner: ModelRunner
+    max_model_len: int
+
+    @property
+    def source(self) -> ModelSource:
+        return self.model.source
+
+    def engine_info(self) -> EngineInfo:
+        return EngineInfo(
+            model_id=self.source.model_id, max_model_len=self.max_model_len,
+            vocab_size=self.model.model.cfg.vocab_size,
+            dtype=str(self.model.dtype).removeprefix("torch."), device=str(self.model.device),
+            num_kv_blocks=self.runner.num_blocks, block_size=self.runner.block_size,
+            attention_backend=self.model.model.backend.name, pid=os.getpid())
+
+
+def make_core(config: EngineConfig, runner: Any, num_blocks: int, block_size: int,
+              max_model_len: int) -> EngineCore:
+    """KV cache manager + scheduler + core around a runner (no loading)."""
+    kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+    scheduler = Scheduler(config.scheduler, kv, max_model_len)
+    return EngineCore(scheduler, runner, seed=config.model.seed)
+
+
+def build_core(config: EngineConfig) -> BuiltCore:
+    """Load the model, size the KV cache and assemble the core. Raises ModelLoadError.
+
+    The core's runner is wrapped in a `BatchRecorder` so `ipc.collect_stats` can report the
+    size of the last forward pass. No tokenizer is needed: requests arrive tokenized with
+    their EOS ids filled in.
+    """
+    lm = load_model(config.model)
+    runner = build_runner(lm, config.cache)
+    cache_tokens = runner.num_blocks * runner.block_size
+    max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,
+                  config.model.max_model_len or cache_tokens)
+    core = make_core(config, BatchRecorder(runner), runner.num_blocks, runner.block_size, max_len)
+    return BuiltCore(core, lm, runner, max_len)

@@ -1,0 +1,212 @@
+"""The engine process: scheduling + model, fed over ZeroMQ by the API process.
+
+    python -m tokenmill.engine.proc --config-json JSON --input ADDR --output ADDR
+
+`JSON` is `msgspec.json.encode(EngineConfig)`. The API process binds both addresses; this
+process connects a PULL socket to `--input` (messages `tokenmill.ipc.ToEngine`) and a PUSH
+socket to `--output` (`tokenmill.ipc.FromEngine`). See `tokenmill/ipc.py` for the protocol.
+
+Life cycle: load the model (on failure: `Fatal(load_error=True)`, exit 1) → `Ready` → busy
+loop. Each turn drains every pending input message (blocking up to 100 ms when idle,
+non-blocking when there is work), applies adds / aborts / pings, runs one `core.step()` and
+sends its `Outputs`. Exit codes: 0 after `Shutdown` or SIGTERM (or SIGINT), 1 after a load
+failure or a crash in the loop (a `Fatal` is sent first), 1 when the parent process goes
+away (checked by a watcher thread, so no orphan engine survives a killed API process).
+
+No tokenizer is loaded here: requests arrive tokenized with their EOS ids filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import msgspec
+import zmq
+
+from tokenmill.config import EngineConfig
+from tokenmill.ipc import (
+    AbortRequests,
+    AddRequest,
+    Fatal,
+    FromEngine,
+    FromEngineEncoder,
+    Outputs,
+    Ping,
+    Pong,
+    Ready,
+    RequestFailed,
+    Shutdown,
+    ToEngineDecoder,
+    collect_stats,
+)
+
+if TYPE_CHECKING:
+    from tokenmill.engine.core import EngineCore
+
+logger = logging.getLogger("tokenmill.engine.proc")
+
+IDLE_POLL_MS = 100
+PARENT_CHECK_S = 0.5
+
+
+class _Terminate(Exception):
+    """Raised from the SIGTERM / SIGINT handler to leave the loop cleanly (exit 0)."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate(signal.Signals(signum).name)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the parent dies (we get re-parented), even mid-load or mid-step."""
+    while True:
+        time.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _set_threads() -> None:
+    import torch
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+
+
+class EngineProc:
+    def __init__(self, input_addr: str, output_addr: str) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.input = self.ctx.socket(zmq.PULL)
+        self.input.setsockopt(zmq.LINGER, 0)
+        self.input.connect(input_addr)
+        self.output = self.ctx.socket(zmq.PUSH)
+        self.output.setsockopt(zmq.SNDHWM, 0)  # never block the loop on a slow reader
+        self.output.setsockopt(zmq.LINGER, 2000)  # let a final Fatal reach the API side
+        self.output.connect(output_addr)
+        self.encoder = FromEngineEncoder()
+        self.decoder = ToEngineDecoder()
+        self.poller = zmq.Poller()
+        self.poller.register(self.input, zmq.POLLIN)
+        self.core: EngineCore | None = None  # set by load()
+        self.stop = False
+
+    def send(self, msg: FromEngine) -> None:
+        self.output.send(self.encoder.encode(msg), copy=False)
+
+    def close(self) -> None:
+        self.input.close()
+        self.output.close()
+        self.ctx.term()
+
+    def load(self, config: EngineConfig) -> None:
+        from tokenmill.runner.loading import build_core
+
+        built = build_core(config)
+        self.core = built.core
+        info = built.engine_info()
+        logger.info("engine ready: %s, %d KV blocks of %d, max_model_len %d", info.model_id,
+                    info.num_kv_blocks, info.block_size, info.max_model_len)
+        self.send(Ready(info))
+
+    def handle(self, frame: bytes) -> None:
+        core = self.core
+        assert core is not None
+        try:
+            msg = self.decoder.decode(frame)
+        except msgspec.DecodeError as e:
+            logger.error("dropping a malformed message (%d bytes): %s", len(frame), e)
+            return
+        if isinstance(msg, AddRequest):
+            try:
+                core.add_request(msg.request)
+            except ValueError as e:
+                self.send(RequestFailed(msg.request.request_id, str(e)))
+        elif isinstance(msg, AbortRequests):
+            for rid in msg.request_ids:
+                core.abort(rid)
+        elif isinstance(msg, Ping):
+            self.send(Pong(msg.nonce, collect_stats(core)))
+        elif isinstance(msg, Shutdown):
+            self.stop = True
+
+    def run(self) -> None:
+        core = self.core
+        assert core is not None
+        while not self.stop:
+            busy = core.has_unfinished
+            if busy or self.poller.poll(IDLE_POLL_MS):
+                while not self.stop:  # drain everything that has arrived
+                    try:
+                        frame = self.input.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(frame)
+            if self.stop:
+                break
+            if core.has_unfinished:
+                outputs = core.step()
+                if outputs:
+                    self.send(Outputs(outputs, collect_stats(core)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenmill.engine.proc", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-json", required=True)
+    p.add_argument("--input", required=True, help="address to receive requests from (PULL)")
+    p.add_argument("--output", required=True, help="address to send outputs to (PUSH)")
+    p.add_argument("--log-level", default=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch",
+                     daemon=True).start()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    proc = EngineProc(a.input, a.output)
+    try:
+        try:
+            config = msgspec.json.decode(a.config_json, type=EngineConfig)
+        except (msgspec.DecodeError, ValueError, TypeError) as e:
+            proc.send(Fatal(f"invalid engine config: {e}"))
+            return 1
+        try:
+            _set_threads()
+            proc.load(config)
+        except _Terminate:
+            return 0
+        except Exception as e:
+            from tokenmill.loader import ModelLoadError
+
+            is_load = isinstance(e, ModelLoadError)
+            if not is_load:
+                logger.exception("engine failed to start")
+            msg = str(e) if is_load else f"{type(e).__name__}: {e}"
+            proc.send(Fatal(msg, load_error=is_load))
+            return 1
+        try:
+            proc.run()
+        except _Terminate:
+            return 0
+        except BaseException as e:
+            logger.exception("engine loop died")
+            proc.send(Fatal(f"engine loop died: {type(e).__name__}: {e}"))
+            return 1
+        return 0
+    finally:
+        proc.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
