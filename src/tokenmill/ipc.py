@@ -14,7 +14,8 @@ To the engine:   AddRequest | AbortRequests | Ping | Shutdown
 From the engine: Ready | Outputs | Pong | RequestFailed | Fatal
 
 The engine sends `Ready` once after the model is loaded (or `Fatal` and exits 1), then
-`Outputs` after every step that produced any, a `Pong` for each `Ping` (answered between
+`Outputs` after every step that produced any (and, with an empty list, after a turn that
+took adds or aborts, so the stats stay current), a `Pong` for each `Ping` (answered between
 steps, so a Pong proves the loop is alive), `RequestFailed` when `add_request` rejects one
 request, and `Fatal` before it exits on a crash. A frame that does not decode is logged and
 dropped by either side.

@@ -9,7 +9,7 @@ socket to `--output` (`tokenmill.ipc.FromEngine`). See `tokenmill/ipc.py` for th
 Life cycle: load the model (on failure: `Fatal(load_error=True)`, exit 1) → `Ready` → busy
 loop. Each turn drains every pending input message (blocking up to 100 ms when idle,
 non-blocking when there is work), applies adds / aborts / pings, runs one `core.step()` and
-sends its `Outputs`. Exit codes: 0 after `Shutdown` or SIGTERM (or SIGINT), 1 after a load
+sends its `Outputs` (also with no outputs, for fresh stats, after adds and aborts). Exit codes: 0 after `Shutdown` or SIGTERM (or SIGINT), 1 after a load
 failure or a crash in the loop (a `Fatal` is sent first), 1 when the parent process goes
 away (checked by a watcher thread, so no orphan engine survives a killed API process).
 
@@ -99,6 +99,9 @@ class EngineProc:
         self.poller.register(self.input, zmq.POLLIN)
         self.core: EngineCore | None = None  # set by load()
         self.stop = False
+        # Adds / aborts change the stats without producing outputs: push fresh stats anyway,
+        # so the API side's `stats` never shows an aborted request as still running.
+        self.stats_dirty = False
 
     def send(self, msg: FromEngine) -> None:
         self.output.send(self.encoder.encode(msg), copy=False)
@@ -127,11 +130,13 @@ class EngineProc:
             logger.error("dropping a malformed message (%d bytes): %s", len(frame), e)
             return
         if isinstance(msg, AddRequest):
+            self.stats_dirty = True
             try:
                 core.add_request(msg.request)
             except ValueError as e:
                 self.send(RequestFailed(msg.request.request_id, str(e)))
         elif isinstance(msg, AbortRequests):
+            self.stats_dirty = True
             for rid in msg.request_ids:
                 core.abort(rid)
         elif isinstance(msg, Ping):
@@ -153,10 +158,10 @@ class EngineProc:
                     self.handle(frame)
             if self.stop:
                 break
-            if core.has_unfinished:
-                outputs = core.step()
-                if outputs:
-                    self.send(Outputs(outputs, collect_stats(core)))
+            outputs = core.step() if core.has_unfinished else []
+            if outputs or self.stats_dirty:
+                self.send(Outputs(outputs, collect_stats(core)))
+                self.stats_dirty = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,13 +36,14 @@ class ModelInfo:
     num_kv_blocks: int
     block_size: int
     attention_backend: str = ""
+    pid: int = 0  # the process running the model (the engine process in multi-process mode)
 
     @classmethod
     def from_engine_info(cls, ei: EngineInfo, eos_token_ids: list[int]) -> ModelInfo:
         return cls(model_id=ei.model_id, max_model_len=ei.max_model_len,
                    vocab_size=ei.vocab_size, eos_token_ids=list(eos_token_ids), dtype=ei.dtype,
                    device=ei.device, num_kv_blocks=ei.num_kv_blocks, block_size=ei.block_size,
-                   attention_backend=ei.attention_backend)
+                   attention_backend=ei.attention_backend, pid=ei.pid)
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:

@@ -115,7 +115,10 @@ def create_app(state: ServerState) -> FastAPI:
         if state.metrics is None:
             return Response(b"", media_type="text/plain; version=0.0.4")
         if state.engine is not None:
-            stats = state.engine.stats
+            try:  # fresh figures: after an abort an idle engine sends nothing by itself
+                stats = await state.engine.ping(timeout=2.0)
+            except Exception:
+                stats = state.engine.stats
             if stats is not None:
                 state.metrics.engine_stats(stats, state.engine.info.block_size)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -547,8 +547,8 @@ def _openai_params(
                     ("repetition_penalty", repetition_penalty)):
         _finite(name, v)
     t = 1.0 if temperature is None else temperature
-    if t < 0:
-        raise _invalid("`temperature` must be >= 0.0")
+    if not 0.0 <= t <= 2.0:  # OpenAI's documented range
+        raise _invalid("`temperature` must be >= 0.0 and <= 2.0")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise _invalid("`top_p` must be > 0.0 and <= 1.0")
     k = 0 if top_k is None or top_k == -1 else top_k
