@@ -33,6 +33,9 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutting down, which would end the
+        # process with -SIGTERM; a graceful drain is a clean exit (0), as in TGI.
+        self._captured_signals.clear()
 
 
 async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
