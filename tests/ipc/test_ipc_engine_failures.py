@@ -104,7 +104,10 @@ def test_engine_start_failures_are_reported(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_engine_exits_when_its_parent_dies(tmp_path: Path) -> None:
-    """An engine whose API process is SIGKILLed must not live on as an orphan."""
+    """An engine whose API process is SIGKILLed must not live on as an orphan, and removes
+    the socket dir its parent can no longer remove."""
+    sock_dir = tmp_path / "tokenmill-ipc-test"
+    sock_dir.mkdir()
     code = (
         "import subprocess, sys, time\n"
         "p = subprocess.Popen([sys.executable, '-m', 'tokenmill.engine.proc', '--config-json',"
@@ -112,8 +115,8 @@ def test_engine_exits_when_its_parent_dies(tmp_path: Path) -> None:
         "print(p.pid, flush=True)\n"
         "time.sleep(60)\n")
     config = msgspec.json.encode(ipc_config()).decode()
-    parent = subprocess.Popen([sys.executable, "-c", code, config, f"ipc://{tmp_path}/in",
-                               f"ipc://{tmp_path}/out"], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", code, config, f"ipc://{sock_dir}/in",
+                               f"ipc://{sock_dir}/out"], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None
         engine_pid = int(parent.stdout.readline())
@@ -125,5 +128,6 @@ def test_engine_exits_when_its_parent_dies(tmp_path: Path) -> None:
         while _alive(engine_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(engine_pid)
+        assert not sock_dir.exists()
     finally:
         parent.kill()

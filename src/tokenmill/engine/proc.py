@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tokenmill.engine.proc")
 
+IPC_DIR_PREFIX = "tokenmill-ipc-"  # the prefix of MPAsyncLLM's socket dirs
 IDLE_POLL_MS = 100
 PARENT_CHECK_S = 0.5
 
@@ -65,11 +67,25 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Terminate(signal.Signals(signum).name)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit at once when the parent dies (we get re-parented), even mid-load or mid-step."""
+def _socket_dir(*addrs: str) -> str | None:
+    """The private dir MPAsyncLLM made for both sockets, if that is where they are."""
+    dirs = {os.path.dirname(a.removeprefix("ipc://")) for a in addrs if a.startswith("ipc://")}
+    if len(dirs) == 1 and len(addrs) == 2:
+        d = dirs.pop()
+        if os.path.basename(d).startswith(IPC_DIR_PREFIX):
+            return d
+    return None
+
+
+def _watch_parent(parent_pid: int, socket_dir: str | None) -> None:
+    """Exit at once when the parent dies (we get re-parented), even mid-load or mid-step.
+
+    A parent killed hard cannot remove its socket dir, so the engine does it then."""
     while True:
         time.sleep(PARENT_CHECK_S)
         if os.getppid() != parent_pid:
+            if socket_dir is not None:
+                shutil.rmtree(socket_dir, ignore_errors=True)
             os._exit(1)
 
 
@@ -174,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch",
-                     daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(os.getppid(), _socket_dir(a.input, a.output)),
+                     name="parent-watch", daemon=True).start()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 

@@ -36,6 +36,7 @@ import zmq
 import zmq.asyncio
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.proc import IPC_DIR_PREFIX
 from tokenmill.frontend.async_llm import EngineDeadError
 from tokenmill.frontend.engine_protocol import OnDead
 from tokenmill.frontend.llm_engine import InputPreparer, ModelInfo, eos_token_ids, load_tokenizer
@@ -99,7 +100,7 @@ class _Channel:
     """The two sockets, the temp dir holding them, and the codecs."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="tokenmill-ipc-")  # mode 0700
+        self.dir = tempfile.mkdtemp(prefix=IPC_DIR_PREFIX)  # mode 0700
         self.input_addr = f"ipc://{self.dir}/input"
         self.output_addr = f"ipc://{self.dir}/output"
         self.ctx = zmq.Context(io_threads=1)

@@ -50,9 +50,10 @@ DONE = b"data: [DONE]\n\n"
 
 
 def _check_model(state: ServerState, model: str | None) -> str:
-    """The served model answers to its id, to "tgi" (TGI's alias) and to an empty name."""
+    """The served model answers to its id and to the placeholders clients send when they
+    name none: "tgi" (TGI's alias), "dummy" (huggingface_hub given a URL) and ""."""
     served = state.engine.info.model_id
-    if model in (None, "", "tgi", served):
+    if model in (None, "", "tgi", "dummy", served):
         return served
     raise NotFoundError(f"The model `{model}` does not exist.")
 
