@@ -1,9 +1,14 @@
 # The two commands of the README. Both set up ./.venv first (idempotent).
 PROMPT ?= What is the capital of France? Answer in one sentence.
+PORT ?= 3000
 
-.PHONY: run test lint setup
+.PHONY: run generate test lint setup
 
 run:
+	@scripts/setup.sh
+	.venv/bin/tokenmill serve --port $(PORT)
+
+generate:
 	@scripts/setup.sh
 	.venv/bin/tokenmill generate "$(PROMPT)"
 
