@@ -24,7 +24,8 @@ def offline():
 
 @pytest.fixture(scope="session")
 def keyed_server():
-    s = ServerProcess("--api-key", "s3cret", "--max-batch-total-tokens", "2048")
+    s = ServerProcess("--api-key", "s3cret", "--max-batch-total-tokens", "2048",
+                      "--cors-allow-origin", "https://app.example", "--json-output")
     try:
         yield s.wait_ready()
     finally:

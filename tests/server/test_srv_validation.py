@@ -366,7 +366,8 @@ def test_choice_params_offsets_seed() -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ({"temperature": -0.5}, "`temperature` must be >= 0.0"),
+    ({"temperature": -0.5}, "`temperature` must be >= 0.0 and <= 2.0"),
+    ({"temperature": 2.5}, "`temperature` must be >= 0.0 and <= 2.0"),
     ({"top_p": 0}, "`top_p` must be > 0.0 and <= 1.0"),
     ({"top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
     ({"top_k": -2}, "`top_k` must be -1 (disabled) or >= 0"),
@@ -574,7 +575,7 @@ def test_completion_errors() -> None:
         ({"logprobs": 21}, "`logprobs` must be >= 0 and <= 20. Given: 21"),
         ({"max_tokens": 0}, "`max_tokens` must be strictly positive"),
         ({"max_tokens": -3}, "`max_tokens` must be strictly positive"),
-        ({"temperature": -1}, "`temperature` must be >= 0.0"),
+        ({"temperature": -1}, "`temperature` must be >= 0.0 and <= 2.0"),
         ({"seed": 2**64}, "`seed` must be >= 0 and < 2**64. Given: 18446744073709551616"),
         ({"stop": ["1", "2", "3", "4", "5"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
         ({"logit_bias": {"1": 200}}, "`logit_bias` values must be >= -100 and <= 100. Given:"
