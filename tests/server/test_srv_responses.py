@@ -16,13 +16,12 @@ from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.loader import default_model_path
 from tokenmill.protocol import FinishReason, TokenLogprob
 from tokenmill.server import schemas as S
+from tokenmill.server.errors import InputValidationError
 from tokenmill.server.responses import (
     chat_chunk,
     chat_completion,
-    chat_usage_chunk,
     completion,
     completion_chunk,
-    completion_usage_chunk,
     error_body,
     generate_response,
     model_list,
@@ -33,13 +32,9 @@ from tokenmill.server.responses import (
     stream_event,
     tgi_finish_reason,
     token_bytes,
+    usage_chunk,
 )
-from tokenmill.server.validation import (
-    ChatOptions,
-    CompletionOptions,
-    GenerateOptions,
-    InputValidationError,
-)
+from tokenmill.server.validation import ChatOptions, CompletionOptions, GenerateOptions
 from tokenmill.tokenizer import Tokenizer, tokenizer_from_gguf
 
 
@@ -237,11 +232,11 @@ def test_chat_chunks(tok: Tokenizer) -> None:
     out.token_ids, out.new_token_ids, out.logprobs, out.delta = ids, ids[1:], lps, " there"
     out.finished, out.finish_reason = True, FinishReason.EOS
     c2 = roundtrip(chat_chunk(out, "smol", 1, "id", tok, opts, index=0))
-    u = roundtrip(chat_usage_chunk("smol", 1, "id", 3, 2))
+    u = roundtrip(usage_chunk("chat.completion.chunk", "smol", 1, "id", 3, 2))
     chunks = [ChatCompletionChunk.model_validate(c) for c in (c1, c2, u)]
     for c in (c1, c2, u):
         S.ChatCompletionChunk.model_validate(c)
-    a, b, usage_chunk = chunks
+    a, b, last = chunks
     assert a.object == "chat.completion.chunk"
     assert a.choices[0].delta.role == "assistant" and a.choices[0].delta.content == "Hello"
     assert a.choices[0].finish_reason is None and a.usage is None
@@ -251,8 +246,8 @@ def test_chat_chunks(tok: Tokenizer) -> None:
     assert b.choices[0].finish_reason == "stop"
     assert b.choices[0].logprobs is not None and b.choices[0].logprobs.content is not None
     assert [e.token for e in b.choices[0].logprobs.content] == [" there"]
-    assert usage_chunk.choices == [] and usage_chunk.usage is not None
-    assert usage_chunk.usage.total_tokens == 5
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.total_tokens == 5
 
 
 def _strip_echo_nulls(body: object) -> object:
@@ -314,7 +309,7 @@ def test_completion_chunks(tok: Tokenizer) -> None:
     assert chunk["choices"][0]["finish_reason"] is None and chunk["usage"] is None
     S.Completion.model_validate(chunk)
     assert chunk["choices"][0]["text"] == " hi"
-    u = completion_usage_chunk("smol", 5, "c", 2, 3)
+    u = usage_chunk("text_completion", "smol", 5, "c", 2, 3)
     assert oai.Completion.model_validate(u).usage is not None and u["choices"] == []
 
 

@@ -12,20 +12,22 @@ from pydantic import ValidationError
 from tokenmill.loader import default_model_path
 from tokenmill.protocol import SamplingParams
 from tokenmill.server import schemas as S
-from tokenmill.server.validation import (
-    ALLOWED_CHAT_TEMPLATE_KWARGS,
+from tokenmill.server.errors import (
     BatchSizeError,
-    ChatOptions,
-    GenerateOptions,
     GenerationError,
     IncompleteGenerationError,
     InputValidationError,
-    Limits,
     OverloadedError,
     PayloadTooLargeError,
     RequestError,
     SuffixNotSupportedError,
     TemplateError,
+)
+from tokenmill.server.validation import (
+    ALLOWED_CHAT_TEMPLATE_KWARGS,
+    ChatOptions,
+    GenerateOptions,
+    Limits,
     chat_request_to_prompt,
     choice_params,
     validate_chat,

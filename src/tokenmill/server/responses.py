@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from tokenmill.protocol import FinishReason, TokenLogprob
 
-from .validation import ChatOptions, CompletionOptions, GenerateOptions, RequestError
+from .errors import RequestError
+from .validation import ChatOptions, CompletionOptions, GenerateOptions
 
 if TYPE_CHECKING:
     from tokenmill.frontend.outputs import RequestOutput
@@ -41,10 +42,8 @@ if TYPE_CHECKING:
 __all__ = [
     "chat_chunk",
     "chat_completion",
-    "chat_usage_chunk",
     "completion",
     "completion_chunk",
-    "completion_usage_chunk",
     "error_body",
     "generate_response",
     "model_list",
@@ -56,6 +55,7 @@ __all__ = [
     "tgi_finish_reason",
     "token_bytes",
     "usage",
+    "usage_chunk",
 ]
 
 
@@ -387,7 +387,7 @@ def chat_chunk(
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` for this update of choice `index`: the delta text (with
     ``role`` when `first`), the new tokens' logprobs, and the finish_reason when finished.
-    `usage` is null (see :func:`chat_usage_chunk` for the final usage chunk)."""
+    `usage` is null (see :func:`usage_chunk` for the final usage chunk)."""
     delta: dict[str, Any] = {"role": "assistant"} if first else {}
     delta["content"] = out.delta
     body = _openai_head("chat.completion.chunk", request_id, created, model, system_fingerprint)
@@ -401,7 +401,8 @@ def chat_chunk(
     return body
 
 
-def chat_usage_chunk(
+def usage_chunk(
+    obj: str,
     model: str,
     created: int,
     request_id: str,
@@ -410,8 +411,9 @@ def chat_usage_chunk(
     *,
     system_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The chunk with ``choices: []`` and the usage, sent last when include_usage is set."""
-    body = _openai_head("chat.completion.chunk", request_id, created, model, system_fingerprint)
+    """The stream's last chunk when include_usage is set: ``choices: []`` and the usage.
+    `obj` is the stream's object name (``chat.completion.chunk`` or ``text_completion``)."""
+    body = _openai_head(obj, request_id, created, model, system_fingerprint)
     body["choices"] = []
     body["usage"] = usage(prompt_tokens, completion_tokens)
     return body
@@ -529,21 +531,6 @@ def completion_chunk(
         "finish_reason": _openai_finish_reason(out.finish_reason) if out.finished else None,
     }]
     body["usage"] = None
-    return body
-
-
-def completion_usage_chunk(
-    model: str,
-    created: int,
-    request_id: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    *,
-    system_fingerprint: str | None = None,
-) -> dict[str, Any]:
-    body = _openai_head("text_completion", request_id, created, model, system_fingerprint)
-    body["choices"] = []
-    body["usage"] = usage(prompt_tokens, completion_tokens)
     return body
 
 

@@ -16,15 +16,15 @@ from tokenmill.frontend.async_llm import EngineDeadError
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.protocol import SamplingParams
 from tokenmill.server import schemas
+from tokenmill.server.errors import NotFoundError
 from tokenmill.server.responses import (
     chat_chunk,
     chat_completion,
-    chat_usage_chunk,
     completion,
     completion_chunk,
-    completion_usage_chunk,
     model_list,
     stream_error_body,
+    usage_chunk,
 )
 from tokenmill.server.routes_tgi import SSE_HEADERS, engine_failure, sse
 from tokenmill.server.state import (
@@ -37,7 +37,6 @@ from tokenmill.server.state import (
     stream_many,
 )
 from tokenmill.server.validation import (
-    NotFoundError,
     chat_request_to_prompt,
     choice_params,
     validate_chat,
@@ -83,12 +82,9 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
         return chat_chunk(out, model, created, rid, tok, opts, index=i, first=first,
                           system_fingerprint=FINGERPRINT)
 
-    def usage_chunk(completion_tokens: int) -> dict[str, Any]:
-        return chat_usage_chunk(model, created, rid, len(ids), completion_tokens,
-                                system_fingerprint=FINGERPRINT)
-
+    usage_obj = "chat.completion.chunk" if opts.include_usage else None
     return _stream(state, engine, ids, plist, timing, rid, "/v1/chat/completions", chunk,
-                   usage_chunk if opts.include_usage else None)
+                   usage_obj, model, created)
 
 
 async def completions(state: ServerState, request: Request) -> Response:
@@ -118,7 +114,7 @@ async def completions(state: ServerState, request: Request) -> Response:
                                 prompt_texts=[t for t in texts for _ in range(opts.n)],
                                 system_fingerprint=FINGERPRINT))
     if len(encoded) != 1:
-        from tokenmill.server.validation import InputValidationError
+        from tokenmill.server.errors import InputValidationError
 
         raise InputValidationError("streaming takes a single prompt")
     offsets = [0] * opts.n
@@ -132,13 +128,10 @@ async def completions(state: ServerState, request: Request) -> Response:
         offsets[i] += len(prefix) + len(out.delta)
         return body
 
-    def usage_chunk(completion_tokens: int) -> dict[str, Any]:
-        return completion_usage_chunk(model, created, rid, len(encoded[0]), completion_tokens,
-                                      system_fingerprint=FINGERPRINT)
-
     plist = [choice_params(per_prompt[0], i) for i in range(opts.n)]
+    usage_obj = "text_completion" if opts.include_usage else None
     return _stream(state, engine, encoded[0], plist, timing, rid, "/v1/completions", chunk,
-                   usage_chunk if opts.include_usage else None)
+                   usage_obj, model, created)
 
 
 async def _collect(engine: Any, ids: list[int], plist: list[SamplingParams],
@@ -167,7 +160,8 @@ async def _best_n(engine: Any, ids: list[int], params: SamplingParams, n: int, b
 
 
 def _stream(state: ServerState, engine: Any, ids: list[int], plist: list[SamplingParams],
-            timing: Timing, rid: str, route: str, chunk: Any, usage_chunk: Any) -> Response:
+            timing: Timing, rid: str, route: str, chunk: Any, usage_obj: str | None,
+            model: str, created: int) -> Response:
     state.acquire()  # held until the stream ends, however it ends
 
     async def events() -> AsyncIterator[bytes]:
@@ -180,8 +174,10 @@ def _stream(state: ServerState, engine: Any, ids: list[int], plist: list[Samplin
                 if out.finished:
                     finals.append(out)
             record(state, timing, rid, route, len(ids), finals, plist[0].max_new_tokens)
-            if usage_chunk is not None:
-                yield sse(usage_chunk(sum(len(o.token_ids) for o in finals)))
+            if usage_obj is not None:
+                yield sse(usage_chunk(usage_obj, model, created, rid, len(ids),
+                                      sum(len(o.token_ids) for o in finals),
+                                      system_fingerprint=FINGERPRINT))
         except (EngineDeadError, ValueError, RuntimeError) as e:
             err = engine_failure(e)
             if state.metrics:

@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from tokenmill.frontend.async_llm import EngineDeadError
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.server import schemas
+from tokenmill.server.errors import GenerationError, InputValidationError, RequestError
 from tokenmill.server.responses import (
     generate_response,
     pick_best_of,
@@ -29,14 +30,7 @@ from tokenmill.server.state import (
     record,
     stream_many,
 )
-from tokenmill.server.validation import (
-    GenerateOptions,
-    GenerationError,
-    InputValidationError,
-    RequestError,
-    choice_params,
-    validate_generate,
-)
+from tokenmill.server.validation import GenerateOptions, choice_params, validate_generate
 
 SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 
@@ -159,7 +153,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def invocations(request: Request) -> Response:
         """SageMaker: the body is tried as TGI generate, then chat, then completions."""
         from tokenmill.server import routes_openai
-        from tokenmill.server.validation import RequestError
+        from tokenmill.server.errors import RequestError
 
         raw = await request.body()
         try:

@@ -19,9 +19,10 @@ from starlette.requests import Request
 from tokenmill.config import ServerConfig
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.protocol import SamplingParams
+from tokenmill.server.errors import OverloadedError, RequestError
 from tokenmill.server.logs import log_request
 from tokenmill.server.metrics import Metrics
-from tokenmill.server.validation import Limits, OverloadedError, RequestError
+from tokenmill.server.validation import Limits
 
 logger = logging.getLogger("tokenmill.server")
 
