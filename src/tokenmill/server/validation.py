@@ -251,24 +251,7 @@ class GenerateOptions:
     sampling: bool = True
 
 
-def validate_generate(
-    req: GenerateRequest,
-    input_ids: list[int],
-    limits: Limits,
-    *,
-    stream: bool,
-    default_return_full_text: bool = False,
-    adapters: Collection[str] = (),
-) -> tuple[list[int], SamplingParams, GenerateOptions]:
-    """Validate a TGI generate request whose `inputs` tokenized to `input_ids`.
-
-    Returns the (possibly truncated) prompt ids, the SamplingParams and the response options.
-    Raises :class:`InputValidationError` with TGI's messages. `stream` is the route's (the
-    `/generate_stream` route, or `stream` on `/`); `default_return_full_text` is the route's
-    default (true on `/` for text-generation models); `adapters` are the loaded adapter ids.
-    """
-    p = req.parameters if req.parameters is not None else GenerateParameters(do_sample=True)
-
+def _tgi_best_of(p: GenerateParameters, stream: bool, limits: Limits) -> int:
     # Stream-only refusals first, as TGI's generate_stream handler does.
     best_of = 1 if p.best_of is None else p.best_of
     if stream and best_of > 1:
@@ -282,23 +265,23 @@ def validate_generate(
             raise _invalid(
                 f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}"
             )
+    return best_of
 
+
+def _tgi_ranges(p: GenerateParameters, best_of: int) -> None:
+    """The numeric parameters, in TGI's order and with its messages."""
     for name in ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"):
         _finite(name, getattr(p, name))
-    do_sample = bool(p.do_sample)
-    sampling = do_sample or any(
+    sampling = bool(p.do_sample) or any(
         v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p)
     )
     if best_of > 1 and not sampling:
         raise _invalid("you must use sampling when `best_of` is > 1")
-    temperature = 1.0 if p.temperature is None else p.temperature
-    if temperature <= 0:
+    if p.temperature is not None and p.temperature <= 0:
         raise _invalid("`temperature` must be strictly positive")
-    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
-    if repetition_penalty <= 0:
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
         raise _invalid("`repetition_penalty` must be strictly positive")
-    frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
-    if not -2.0 <= frequency_penalty <= 2.0:
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise _invalid("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
         raise _invalid("`top_p` must be > 0.0 and < 1.0")
@@ -308,6 +291,13 @@ def validate_generate(
         raise _invalid("`top_k` must be strictly positive")
     if p.max_new_tokens is not None and p.max_new_tokens <= 0:
         raise _invalid("`max_new_tokens` must be strictly positive")
+
+
+def _tgi_request_checks(req: GenerateRequest, p: GenerateParameters, best_of: int,
+                        limits: Limits, adapters: Collection[str]
+                        ) -> tuple[list[str], int, str | None]:
+    """Stop sequences, seed, top_n_tokens, inputs, truncate, features not yet supported and
+    the adapter; returns (stop, top_n_tokens, adapter_id)."""
     stop = _check_stop(p.stop or [], limits)
     if p.seed is not None and best_of > 1:
         raise _invalid("`seed` must not be set when `best_of` > 1")
@@ -328,7 +318,33 @@ def validate_generate(
         raise _invalid("grammar is not supported yet")
     if p.watermark:
         raise _invalid("watermark is not supported yet")
-    adapter_id = _check_adapter(p.adapter_id, adapters)
+    return stop, top_n_tokens, _check_adapter(p.adapter_id, adapters)
+
+
+def validate_generate(
+    req: GenerateRequest,
+    input_ids: list[int],
+    limits: Limits,
+    *,
+    stream: bool,
+    default_return_full_text: bool = False,
+    adapters: Collection[str] = (),
+) -> tuple[list[int], SamplingParams, GenerateOptions]:
+    """Validate a TGI generate request whose `inputs` tokenized to `input_ids`.
+
+    Returns the (possibly truncated) prompt ids, the SamplingParams and the response options.
+    Raises :class:`InputValidationError` with TGI's messages. `stream` is the route's (the
+    `/generate_stream` route, or `stream` on `/`); `default_return_full_text` is the route's
+    default (true on `/` for text-generation models); `adapters` are the loaded adapter ids.
+    """
+    p = req.parameters if req.parameters is not None else GenerateParameters(do_sample=True)
+    best_of = _tgi_best_of(p, stream, limits)
+    _tgi_ranges(p, best_of)
+    stop, top_n_tokens, adapter_id = _tgi_request_checks(req, p, best_of, limits, adapters)
+    do_sample = bool(p.do_sample)
+    temperature = 1.0 if p.temperature is None else p.temperature
+    repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
 
     ids = list(input_ids)
     if p.truncate is not None and len(ids) > p.truncate:
