@@ -131,8 +131,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return run_server(engine, server)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; defaults of `serve` flags come from their env vars when set."""
+    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="print a completion of one prompt")
@@ -147,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
     for name in ("serve", "launch"):
-        sp = sub.add_parser(name, help="run the HTTP server (TGI and OpenAI APIs)")
+        sp = sub.add_parser(name, help="run the HTTP server (TGI and OpenAI APIs)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _engine_args(sp)
         for flag, kind, default, help_ in _SERVE_FLAGS:
-            default = _host_default() if flag == "--hostname" else default
-            sp.add_argument(flag, type=kind, default=_env_default(flag, kind, default),
-                            help=help_)
+            default = (_host_default() if flag == "--hostname"
+                       else _env_default(flag, kind, default))
+            sp.add_argument(flag, type=kind, default=default, help=help_)
         sp.add_argument("--max-input-length", type=int,
                         default=_env_default("--max-input-length", int, None),
                         help="legacy name of --max-input-tokens")
@@ -165,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--engine-mode", choices=["process", "thread"], default="process",
                         help="run the engine in its own process (default) or a thread")
         sp.set_defaults(func=cmd_serve)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(a.func(a))

@@ -1,0 +1,39 @@
+"""Launcher flags: TGI's names, each also read from its UPPER_SNAKE environment variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.cli import build_parser
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = parse()
+    assert (a.port, a.max_concurrent_requests, a.payload_limit, a.hostname) == (
+        3000, 128, 2_000_000, "0.0.0.0")
+    monkeypatch.setenv("PORT", "8081")
+    monkeypatch.setenv("MAX_CONCURRENT_REQUESTS", "7")
+    monkeypatch.setenv("MAX_TOTAL_TOKENS", "4096")
+    monkeypatch.setenv("MODEL_ID", "org/model")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("JSON_OUTPUT", "true")
+    a = parse()
+    assert (a.port, a.max_concurrent_requests, a.max_total_tokens, a.model_id, a.api_key,
+            a.json_output) == (8081, 7, 4096, "org/model", "k", True)
+    assert parse("--port", "9000").port == 9000  # a flag beats its env var
+
+
+def test_hostname_env_only_when_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOSTNAME", "build-machine-42")  # what shells set: not an address
+    assert parse().hostname == "0.0.0.0"
+    monkeypatch.setenv("HOSTNAME", "127.0.0.1")
+    assert parse().hostname == "127.0.0.1"
+
+
+def test_launch_alias_and_legacy_input_length() -> None:
+    a = build_parser().parse_args(["launch", "--max-input-length", "100"])
+    assert a.max_input_length == 100
