@@ -23,12 +23,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    default=_env_default("--max-batch-prefill-tokens", int, 2048),
                    help="token budget of one forward pass")
     g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--lora-adapters", default=_env_default("--lora-adapters", str, None),
+                   help="comma-separated LoRA adapters loaded at start: name=path or path")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(model_id=a.model_id, revision=a.revision, dtype=a.dtype, device=a.device,
                 max_batch_total_tokens=a.max_batch_total_tokens,
-                max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size)
+                max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
+                lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")
+                               if s.strip()])
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -50,6 +50,8 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     attention_backend: str = "auto"
     seed: int = 0  # base seed for requests that give none
+    # LoRA adapters loaded at start: "name=path" or a path (its folder name is the name).
+    lora_adapters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -70,6 +70,7 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     block_size: int
     attention_backend: str
     pid: int
+    adapters: list[str] = msgspec.field(default_factory=list)  # LoRA adapters loaded
 
 
 class EngineStats(msgspec.Struct, kw_only=True, array_like=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import EngineConfig
@@ -37,13 +37,15 @@ class ModelInfo:
     block_size: int
     attention_backend: str = ""
     pid: int = 0  # the process running the model (the engine process in multi-process mode)
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters loaded
 
     @classmethod
     def from_engine_info(cls, ei: EngineInfo, eos_token_ids: list[int]) -> ModelInfo:
         return cls(model_id=ei.model_id, max_model_len=ei.max_model_len,
                    vocab_size=ei.vocab_size, eos_token_ids=list(eos_token_ids), dtype=ei.dtype,
                    device=ei.device, num_kv_blocks=ei.num_kv_blocks, block_size=ei.block_size,
-                   attention_backend=ei.attention_backend, pid=ei.pid)
+                   attention_backend=ei.attention_backend, pid=ei.pid,
+                   adapters=list(ei.adapters))
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
@@ -82,6 +84,8 @@ class InputPreparer:
         if len(ids) >= self.info.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; at most "
                              f"{self.info.max_model_len - 1} are allowed")
+        if adapter_id is not None and adapter_id not in self.info.adapters:
+            raise ValueError(f"adapter {adapter_id!r} is not loaded")
         rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
         return EngineRequest(request_id=rid, prompt_token_ids=ids, params=params,
                              eos_token_ids=self.info.eos_token_ids, adapter_id=adapter_id)

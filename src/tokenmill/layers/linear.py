@@ -4,9 +4,14 @@ the single hook point for LoRA, quantized weights and tensor-parallel sharding."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokenmill.lora.manager import LoraLinear
 
 
 class Linear(nn.Module):
@@ -17,6 +22,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False)
                      if bias else None)
+        self.lora: LoraLinear | None = None  # set by the LoRA manager when adapters load
 
     # Ordered (shard name, number of output rows); one shard for a plain layer.
     def shards(self) -> list[tuple[str, int]]:
@@ -36,7 +42,12 @@ class Linear(nn.Module):
         raise KeyError(f"unknown shard {shard!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            delta = self.lora.delta(x)  # None when no row of this batch uses an adapter
+            if delta is not None:
+                y = y + delta
+        return y
 
 
 class MergedLinear(Linear):

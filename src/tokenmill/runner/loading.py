@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers.attention import get_attention_backend
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
+from tokenmill.lora.manager import LoraManager
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.registry import get_model_class
 from tokenmill.runner.model_runner import ModelRunner
@@ -125,6 +127,21 @@ def num_kv_blocks(lm: LoadedModel, cache: CacheConfig) -> int:
     return blocks
 
 
+def load_adapters(lm: LoadedModel, specs: list[str]) -> LoraManager:
+    """TGI's `--lora-adapters` entries: "name=path" or a path (named after its folder)."""
+    manager = LoraManager(lm.model, lm.device)
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        try:
+            manager.load(name.strip(), Path(path.strip()))
+        except ValueError as e:  # AdapterError included: a clear start-up error
+            raise ModelLoadError(f"LoRA adapter {name.strip()!r}: {e}") from e
+        logger.info("LoRA adapter %r loaded from %s", name.strip(), path.strip())
+    return manager
+
+
 def build_runner(lm: LoadedModel, cache: CacheConfig) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
     runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks,
@@ -154,7 +171,8 @@ class BuiltCore:
             vocab_size=self.model.model.cfg.vocab_size,
             dtype=str(self.model.dtype).removeprefix("torch."), device=str(self.model.device),
             num_kv_blocks=self.runner.num_blocks, block_size=self.runner.block_size,
-            attention_backend=self.model.model.backend.name, pid=os.getpid())
+            attention_backend=self.model.model.backend.name, pid=os.getpid(),
+            adapters=self.runner.lora.names if self.runner.lora is not None else [])
 
 
 def make_core(config: EngineConfig, runner: Any, num_blocks: int, block_size: int,
@@ -174,6 +192,8 @@ def build_core(config: EngineConfig) -> BuiltCore:
     """
     lm = load_model(config.model)
     runner = build_runner(lm, config.cache)
+    if config.model.lora_adapters:
+        runner.lora = load_adapters(lm, config.model.lora_adapters)
     cache_tokens = runner.num_blocks * runner.block_size
     max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,
                   config.model.max_model_len or cache_tokens)

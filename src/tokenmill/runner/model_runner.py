@@ -15,6 +15,7 @@ import torch
 
 from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
 from tokenmill.layers.attention import AttentionBackend
+from tokenmill.lora.manager import LoraManager
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.protocol import SamplingParams
 from tokenmill.runner.sampler import Sampler, SamplingRow
@@ -30,6 +31,7 @@ class _ReqState:
     seed: int
     stop_token_ids: list[int]
     want_prompt_logprobs: bool
+    lora_slot: int = -1  # the request's adapter slot, -1 for the base model
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class ModelRunner:
                                           kv_dtype, device)
         model.bind_kv_cache(self.kv_cache)
         self.sampler = Sampler(model.cfg.vocab_size, device)
+        self.lora: LoraManager | None = None  # set when LoRA adapters are loaded
         self.states: dict[str, _ReqState] = {}
 
     @torch.inference_mode()
@@ -84,6 +87,9 @@ class ModelRunner:
             block_tables=[c.block_ids for c in so.chunks],
             block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
             device=self.device)
+        if self.lora is not None:
+            self.lora.set_batch([self.states[c.request_id].lora_slot
+                                 for c in so.chunks for _ in c.token_ids])
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, meta)
@@ -101,7 +107,8 @@ class ModelRunner:
                 prompt=nr.prompt_token_ids, output=list(nr.output_token_ids), params=nr.params,
                 seed=nr.seed, stop_token_ids=nr.stop_token_ids,
                 want_prompt_logprobs=nr.params.prompt_logprobs is not None
-                and not nr.output_token_ids)
+                and not nr.output_token_ids,
+                lora_slot=self.lora.slot_of(nr.adapter_id) if self.lora is not None else -1)
 
     def _prepare_inputs(self, so: SchedulerOutput) -> _Batch:
         b = _Batch()

@@ -48,12 +48,15 @@ FINGERPRINT = f"{__version__}-native"
 DONE = b"data: [DONE]\n\n"
 
 
-def _check_model(state: ServerState, model: str | None) -> str:
-    """The served model answers to its id and to the placeholders clients send when they
-    name none: "tgi" (TGI's alias), "dummy" (huggingface_hub given a URL) and ""."""
-    served = state.engine.info.model_id
-    if model in (None, "", "tgi", "dummy", served):
-        return served
+def _check_model(state: ServerState, model: str | None) -> tuple[str, str | None]:
+    """(model name to echo, adapter id). The base model answers to its id and to the
+    placeholders clients send when they name none: "tgi" (TGI's alias), "dummy"
+    (huggingface_hub given a URL) and ""; a loaded LoRA adapter answers to its name."""
+    info = state.engine.info
+    if model in (None, "", "tgi", "dummy", info.model_id):
+        return info.model_id, None
+    if model in info.adapters:
+        return model, model
     raise NotFoundError(f"The model `{model}` does not exist.")
 
 
@@ -61,7 +64,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     engine, limits, metrics = state.require_ready()
     body = await parse_body(request, schemas.ChatCompletionRequest)
     metrics.inc("tgi_request_count")
-    model = _check_model(state, body.model)
+    model, adapter = _check_model(state, body.model)
     timing = Timing()
     tok = engine.tokenizer
     prompt = await asyncio.to_thread(chat_request_to_prompt, tok, body)
@@ -72,7 +75,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     rid, created = f"chatcmpl-{new_request_id()}", int(time.time())
     if not opts.stream:
         with state.slot():
-            outs = await _collect(engine, ids, plist, timing)
+            outs = await _collect(engine, ids, plist, adapter, timing)
         record(state, timing, rid, "/v1/chat/completions", len(ids), outs,
                params.max_new_tokens)
         return _json(chat_completion(outs, model, created, rid, tok, opts, len(ids),
@@ -84,14 +87,14 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
 
     usage_obj = "chat.completion.chunk" if opts.include_usage else None
     return _stream(state, engine, ids, plist, timing, rid, "/v1/chat/completions", chunk,
-                   usage_obj, model, created)
+                   usage_obj, model, created, adapter)
 
 
 async def completions(state: ServerState, request: Request) -> Response:
     engine, limits, metrics = state.require_ready()
     body = await parse_body(request, schemas.CompletionRequest)
     metrics.inc("tgi_request_count")
-    model = _check_model(state, body.model)
+    model, adapter = _check_model(state, body.model)
     timing = Timing()
     tok = engine.tokenizer
     prompts, params, opts = validate_completion(body, limits, default_model=model)
@@ -104,7 +107,7 @@ async def completions(state: ServerState, request: Request) -> Response:
     if not opts.stream:
         with state.slot():
             results = await asyncio.gather(*(
-                _best_n(engine, ids, sp, opts.n, opts.best_of, timing)
+                _best_n(engine, ids, sp, opts.n, opts.best_of, adapter, timing)
                 for ids, sp in zip(encoded, per_prompt)))
         outs = [o for group in results for o in group]
         record(state, timing, rid, "/v1/completions", sum(map(len, encoded)), outs,
@@ -131,26 +134,26 @@ async def completions(state: ServerState, request: Request) -> Response:
     plist = [choice_params(per_prompt[0], i) for i in range(opts.n)]
     usage_obj = "text_completion" if opts.include_usage else None
     return _stream(state, engine, encoded[0], plist, timing, rid, "/v1/completions", chunk,
-                   usage_obj, model, created)
+                   usage_obj, model, created, adapter)
 
 
 async def _collect(engine: Any, ids: list[int], plist: list[SamplingParams],
-                   timing: Timing) -> list[RequestOutput]:
+                   adapter: str | None, timing: Timing) -> list[RequestOutput]:
     try:
-        return await collect(engine, ids, plist, None, timing)
+        return await collect(engine, ids, plist, adapter, timing)
     except (EngineDeadError, ValueError, RuntimeError) as e:
         raise engine_failure(e) from e
 
 
 async def _best_n(engine: Any, ids: list[int], params: SamplingParams, n: int, best_of: int,
-                  timing: Timing) -> list[RequestOutput]:
+                  adapter: str | None, timing: Timing) -> list[RequestOutput]:
     """`best_of` samples of one prompt, of which the `n` with the highest mean logprob."""
     if best_of <= n:
         return await _collect(engine, ids, [choice_params(params, i) for i in range(n)],
-                              timing)
+                              adapter, timing)
     ranked = msgspec.structs.replace(params, logprobs=params.logprobs or 0)
     outs = await _collect(engine, ids, [choice_params(ranked, i) for i in range(best_of)],
-                          timing)
+                          adapter, timing)
 
     def mean_logprob(o: RequestOutput) -> float:
         lps = o.logprobs or []
@@ -161,14 +164,14 @@ async def _best_n(engine: Any, ids: list[int], params: SamplingParams, n: int, b
 
 def _stream(state: ServerState, engine: Any, ids: list[int], plist: list[SamplingParams],
             timing: Timing, rid: str, route: str, chunk: Any, usage_obj: str | None,
-            model: str, created: int) -> Response:
+            model: str, created: int, adapter: str | None) -> Response:
     state.acquire()  # held until the stream ends, however it ends
 
     async def events() -> AsyncIterator[bytes]:
         first = [True] * len(plist)
         finals: list[RequestOutput] = []
         try:
-            async for i, out in stream_many(engine, ids, plist, None, timing):
+            async for i, out in stream_many(engine, ids, plist, adapter, timing):
                 yield sse(chunk(i, out, first[i]))
                 first[i] = False
                 if out.finished:
@@ -212,4 +215,4 @@ def register(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models", tags=["openai"])
     async def models() -> Response:
         engine, _, _ = state.require_ready()
-        return json_response(model_list(engine.info.model_id))
+        return json_response(model_list([engine.info.model_id, *engine.info.adapters]))

@@ -44,7 +44,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             "max_total_tokens": limits.max_total_tokens, "validation_workers": 1,
             "max_client_batch_size": limits.max_client_batch_size,
             "router": "tokenmill", "version": __version__, "sha": None, "docker_label": None,
-            "engine_pid": getattr(i, "pid", None),
+            "engine_pid": getattr(i, "pid", None), "adapters": list(i.adapters),
         })
 
     @app.get("/metrics", tags=["service"])

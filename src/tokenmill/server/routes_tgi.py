@@ -53,7 +53,8 @@ def _prepare(state: ServerState, body: schemas.GenerateRequest, stream: bool,
     timing = Timing()
     ids = engine.tokenizer.encode(body.inputs)
     ids, params, opts = validate_generate(body, ids, limits, stream=stream,
-                                          default_return_full_text=default_full_text)
+                                          default_return_full_text=default_full_text,
+                                          adapters=engine.info.adapters)
     if opts.best_of > 1 and params.logprobs is None:  # best_of ranks by mean logprob
         params = msgspec.structs.replace(params, logprobs=0)
     timing.validated = time.perf_counter()
