@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.protocol import FinishReason, TokenLogprob
+from tokenmill.tokenizer.gguf_tokenizer import bytes_to_unicode
 
 from .errors import RequestError
 from .validation import ChatOptions, CompletionOptions, GenerateOptions
@@ -101,22 +102,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 # -------------------------------------------------------------------- token bytes
 
-# GPT-2's byte <-> unicode table (byte-level BPE vocabularies).
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Tokenizer, bool] = weakref.WeakKeyDictionary()
 

@@ -95,8 +95,9 @@ PRE_TOKENIZER_SPLITS: dict[str, str] = {
 
 
 @functools.lru_cache(maxsize=1)
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
@@ -148,7 +149,7 @@ def _file_merges(meta: dict[str, Any]) -> list[tuple[str, str]] | None:
 
 
 def _byte_level(meta: dict[str, Any], _arch: str) -> tokenizers.Tokenizer:
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
     for index, token in enumerate(meta["tokenizer.ggml.tokens"]):
@@ -299,7 +300,7 @@ def _add_file_tokens(tok: tokenizers.Tokenizer, meta: dict[str, Any], byte_level
     """CONTROL tokens as special added tokens, USER_DEFINED ones as plain added tokens."""
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or ()
-    alphabet = set(_bytes_to_unicode().values()) if byte_level else None
+    alphabet = set(bytes_to_unicode().values()) if byte_level else None
     control = [
         AddedToken(token, normalized=False, special=True)
         for token, kind in zip(tokens, types)
