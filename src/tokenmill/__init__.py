@@ -1,10 +1,10 @@
 """tokenmill: an LLM inference server with TGI's and OpenAI's APIs."""
 
-from tokenmill.protocol import FinishReason, SamplingParams
+from tokenmill.protocol import FinishReason, GrammarSpec, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "FinishReason", "SamplingParams", "__version__"]
+__all__ = ["LLM", "AsyncLLM", "FinishReason", "GrammarSpec", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> object:

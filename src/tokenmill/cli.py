@@ -7,6 +7,9 @@ import logging
 import sys
 from typing import Any
 
+from tokenmill.bench.cli import add_bench_parser
+from tokenmill.watermark.cli import add_watermark_parser
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
@@ -24,7 +27,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one forward pass")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--lora-adapters", default=_env_default("--lora-adapters", str, None),
-                   help="comma-separated LoRA adapters loaded at start: name=path or path")
+                   help="comma-separated LoRA adapters loaded at start: name=path_or_hub_id, "
+                        "a path, or a Hub id[@revision]")
+    g.add_argument("--max-active-adapters", type=int,
+                   default=_env_default("--max-active-adapters", int, 32),
+                   help="LoRA adapters on the device at once; the rest wait in host memory "
+                        "and are swapped in least-recently-used first")
+    g.add_argument("--watermark-gamma", type=float,
+                   default=_env_default("--watermark-gamma", float, 0.5),
+                   help="watermark: green fraction of the vocabulary, in (0, 1)")
+    g.add_argument("--watermark-delta", type=float,
+                   default=_env_default("--watermark-delta", float, 2.0),
+                   help="watermark: bias added to green logits, >= 0")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -32,7 +46,9 @@ def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")
-                               if s.strip()])
+                               if s.strip()],
+                max_active_adapters=a.max_active_adapters,
+                watermark_gamma=a.watermark_gamma, watermark_delta=a.watermark_delta)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -42,11 +58,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     try:
         llm = LLM(**_engine_kwargs(a))
-    except ModelLoadError as e:
+    except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop or [])
+                            top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop or [],
+                            watermark=a.watermark)
     tok = llm.tokenizer
     if a.raw or tok.chat_template is None:
         prompt: str | list[int] = a.prompt
@@ -78,6 +95,9 @@ _SERVE_FLAGS: list[tuple[str, Any, Any, str]] = [
     ("--max-total-tokens", int, None, "prompt + new tokens (default: the model's length)"),
     ("--max-client-batch-size", int, 4, "most prompts in one /v1/completions request"),
     ("--graceful-termination-timeout", float, 90.0, "seconds streams may run after SIGTERM"),
+    ("--lora-dynamic-dir", str, None,
+     "comma-separated folders of LoRA adapters that may be loaded at run time: by "
+     "POST /v1/load_lora_adapter, or on first use of an adapter id naming a sub-folder"),
 ]
 
 
@@ -128,7 +148,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
             max_total_tokens=a.max_total_tokens, max_client_batch_size=a.max_client_batch_size,
             json_output=a.json_output,
             graceful_termination_timeout=a.graceful_termination_timeout,
-            engine_mode=a.engine_mode)
+            engine_mode=a.engine_mode,
+            lora_dynamic_dirs=[d.strip() for d in (a.lora_dynamic_dir or "").split(",")
+                               if d.strip()])
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -150,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--watermark", action="store_true",
+                   help="watermark the output (see `tokenmill watermark detect`)")
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
     for name in ("serve", "launch"):
@@ -172,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--engine-mode", choices=["process", "thread"], default="process",
                         help="run the engine in its own process (default) or a thread")
         sp.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)  # `tokenmill bench`: sets func=run_bench
+    add_watermark_parser(sub)  # `tokenmill watermark detect`
     return parser
 
 

@@ -35,10 +35,13 @@ class SchedulerConfig:
     max_batch_prefill_tokens: int = 2048
     max_num_seqs: int = 256  # running sequences at once
     enable_chunked_prefill: bool = True
+    max_active_adapters: int = 32  # LoRA adapters on the device at once (the rest in host RAM)
 
     def __post_init__(self) -> None:
         if self.max_batch_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("scheduler budgets must be positive")
+        if self.max_active_adapters < 1:
+            raise ValueError("max_active_adapters must be at least 1")
 
 
 @dataclass(slots=True)
@@ -77,6 +80,8 @@ class ServerConfig:
     json_output: bool = False
     graceful_termination_timeout: float = 90.0
     engine_mode: str = "process"  # process: a separate engine process; thread: in-process
+    # Roots under which LoRA adapters may be loaded at run time (none: run-time loading is off).
+    lora_dynamic_dirs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.engine_mode not in ("process", "thread"):
@@ -88,19 +93,36 @@ class ServerConfig:
 
 
 @dataclass(slots=True)
+class WatermarkConfig:
+    """Kirchenbauer watermark of requests that ask for it (TGI's --watermark-gamma/-delta)."""
+
+    watermark_gamma: float = 0.5  # fraction of the vocabulary that is green after each token
+    watermark_delta: float = 2.0  # added to green logits
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.watermark_gamma < 1.0:  # also refuses NaN
+            raise ValueError(f"--watermark-gamma must be > 0 and < 1, got {self.watermark_gamma}")
+        if not 0.0 <= self.watermark_delta < float("inf"):
+            raise ValueError(
+                f"--watermark-delta must be >= 0 and finite, got {self.watermark_delta}")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Route flat keyword arguments to the sub-config that owns them (nano-vllm style)."""
-        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
+        parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {},
+                                            "watermark": {}}
         owners = {
             name: part
             for part, klass in (("model", ModelConfig), ("cache", CacheConfig),
-                                ("scheduler", SchedulerConfig))
+                                ("scheduler", SchedulerConfig), ("watermark", WatermarkConfig))
             for name in (f.name for f in dataclasses.fields(klass))
         }
         for key, value in kwargs.items():
@@ -111,4 +133,5 @@ class EngineConfig:
             model=ModelConfig(**parts["model"]),
             cache=CacheConfig(**parts["cache"]),
             scheduler=SchedulerConfig(**parts["scheduler"]),
+            watermark=WatermarkConfig(**parts["watermark"]),
         )

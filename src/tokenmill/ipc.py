@@ -10,14 +10,16 @@ Every message is one frame: a msgspec msgpack encoding of a tagged union. Each m
 struct is `array_like`, so a frame is `[tag, field, ...]`; the payload types it carries
 (`EngineRequest`, `EngineOutput`) are the msgspec structs of `tokenmill.protocol`.
 
-To the engine:   AddRequest | AbortRequests | Ping | Shutdown
-From the engine: Ready | Outputs | Pong | RequestFailed | Fatal
+To the engine:   AddRequest | AbortRequests | Ping | Shutdown | LoadAdapter | UnloadAdapter
+From the engine: Ready | Outputs | Pong | RequestFailed | Fatal | AdapterDone
 
 The engine sends `Ready` once after the model is loaded (or `Fatal` and exits 1), then
 `Outputs` after every step that produced any (and, with an empty list, after a turn that
 took adds or aborts, so the stats stay current), a `Pong` for each `Ping` (answered between
 steps, so a Pong proves the loop is alive), `RequestFailed` when `add_request` rejects one
-request, and `Fatal` before it exits on a crash. A frame that does not decode is logged and
+request, `AdapterDone` when a LoRA load or unload has finished (a load reads the files on a
+worker thread, so the batch goes on; an unload waits for the adapter's requests to finish),
+and `Fatal` before it exits on a crash. A frame that does not decode is logged and
 dropped by either side.
 
 This module imports msgspec only (no torch, no zmq), so both sides and tests can use it.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AbortRequests",
+    "AdapterDone",
     "AddRequest",
     "BatchRecorder",
     "EngineInfo",
@@ -45,6 +48,7 @@ __all__ = [
     "FromEngine",
     "FromEngineDecoder",
     "FromEngineEncoder",
+    "LoadAdapter",
     "Outputs",
     "Ping",
     "Pong",
@@ -54,6 +58,7 @@ __all__ = [
     "ToEngine",
     "ToEngineDecoder",
     "ToEngineEncoder",
+    "UnloadAdapter",
     "collect_stats",
 ]
 
@@ -107,7 +112,18 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-ToEngine = AddRequest | AbortRequests | Ping | Shutdown
+class LoadAdapter(msgspec.Struct, tag="load_adapter", array_like=True):
+    nonce: int
+    name: str
+    path: str  # already resolved and checked against the allowed roots by the API side
+
+
+class UnloadAdapter(msgspec.Struct, tag="unload_adapter", array_like=True):
+    nonce: int
+    name: str
+
+
+ToEngine = AddRequest | AbortRequests | Ping | Shutdown | LoadAdapter | UnloadAdapter
 
 
 # ---- engine → API process -------------------------------------------------------------------
@@ -145,7 +161,14 @@ class Fatal(msgspec.Struct, tag="fatal", array_like=True):
     load_error: bool = False
 
 
-FromEngine = Ready | Outputs | Pong | RequestFailed | Fatal
+class AdapterDone(msgspec.Struct, tag="adapter_done", array_like=True):
+    """The LoRA load / unload with this nonce is over: `error` is None, or why it failed."""
+
+    nonce: int
+    error: str | None = None
+
+
+FromEngine = Ready | Outputs | Pong | RequestFailed | Fatal | AdapterDone
 
 
 # ---- codecs: one encoder/decoder pair per direction ------------------------------------------

@@ -7,6 +7,7 @@ between the API process and the engine process.
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 import msgspec
 
@@ -22,6 +23,18 @@ class FinishReason(str, enum.Enum):
     @property
     def openai(self) -> str:
         return "length" if self is FinishReason.LENGTH else "stop"
+
+
+GrammarKind = Literal["json", "regex", "lark", "json_object"]
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A constrained-decoding grammar (compiled by `tokenmill.guided`). ``value`` is text: a JSON
+    Schema serialized as JSON (``json``), a regex (``regex``, the whole output must match), a
+    Lark grammar (``lark``), or empty (``json_object``: any JSON object)."""
+
+    kind: GrammarKind
+    value: str = ""
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -51,6 +64,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     logprobs: int | None = None  # None: none; 0: chosen token only; n: also top-n alternatives
     prompt_logprobs: int | None = None  # same meaning, for every prompt token after the first
     skip_special_tokens: bool = True
+    watermark: bool = False  # Kirchenbauer green-list bias (the server's gamma and delta)
+    grammar: GrammarSpec | None = None  # constrained decoding (JSON Schema, regex, Lark)
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message when a value is out of range."""
@@ -88,6 +103,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         for n, name in ((self.logprobs, "logprobs"), (self.prompt_logprobs, "prompt_logprobs")):
             if n is not None and n < 0:
                 raise ValueError(f"`{name}` must be >= 0")
+        if self.grammar is not None:
+            # Compiles it (size cap, llguidance's limits, a bounded cache): a GrammarError is
+            # a ValueError carrying the compiler's message. Imported here: only when used.
+            from tokenmill.guided import check_grammar
+
+            check_grammar(self.grammar)
 
     @property
     def greedy(self) -> bool:

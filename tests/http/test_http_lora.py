@@ -3,35 +3,14 @@ adapter, `/v1/models` and `/info` listing adapters, 422/404 for unknown ones."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import httpx2 as httpx
 import pytest
-import torch
-from safetensors.torch import save_file
 from server_proc import ServerProcess
 
+from lora_files import write_adapter
 from tokenmill.protocol import SamplingParams
 
 PROMPT = "The capital of France is"
-
-
-def write_adapter(path: Path) -> Path:
-    """A rank-4 adapter on q_proj and v_proj of SmolLM2 (hidden 576, 3 KV heads of 64)."""
-    path.mkdir()
-    g = torch.Generator().manual_seed(0)
-    tensors = {}
-    for layer in range(30):
-        for proj, out in (("q_proj", 576), ("v_proj", 192)):
-            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(4, 576, generator=g) * 0.1
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 4, generator=g) * 0.3
-    save_file(tensors, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "smollm2"}))
-    return path
 
 
 @pytest.fixture(scope="module")

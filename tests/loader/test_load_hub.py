@@ -190,3 +190,25 @@ def test_fresh_interpreter_reads_the_environment(
     lines = out.stdout.splitlines()
     assert lines[0] == str(snapshot.resolve())
     assert lines[1].startswith("error:") and "HF_HUB_OFFLINE" in lines[1]
+
+
+def test_lora_adapter_from_hub_cache(hub_cache: Path, tmp_path: Path) -> None:
+    """`--lora-adapters org/name[@rev]` resolves through the same cache; specs parse as TGI's."""
+    from lora_files import SHAPES, write_adapter
+    from tokenmill.lora import adapter_location, load_peft_adapter, parse_adapter_specs
+
+    src = write_adapter(tmp_path / "src", rank=2)
+    add_repo(hub_cache, "org/tiny-lora", {f.name: f.read_bytes() for f in src.iterdir()})
+    snapshot = adapter_location("org/tiny-lora")
+    assert (snapshot / "adapter_config.json").is_file()
+    assert adapter_location("org/tiny-lora@main") == snapshot
+    adapter = load_peft_adapter(snapshot, "t", num_layers=30, module_shapes=SHAPES)
+    assert adapter.rank == 2
+    with pytest.raises(ModelLoadError, match=r"LoRA adapter 'org/missing'.*HF_HUB_OFFLINE"):
+        adapter_location("org/missing")
+    assert parse_adapter_specs(["org/tiny-lora", f"x={src}", str(src), "y=org/a@v1"]) == [
+        ("org/tiny-lora", "org/tiny-lora"), ("x", str(src)), ("src", str(src)),
+        ("y", "org/a@v1")]
+    for bad in (["a=b=c"], ["org/x@1@2"], ["x=a", "x=b"], ["=a"]):
+        with pytest.raises(ValueError):
+            parse_adapter_specs(bad)

@@ -77,3 +77,29 @@ def test_empty_and_bad_inputs() -> None:
         stack_adapters([(torch.ones(4, 4), torch.ones(3, 4), 1.0)], r_max=2)
     with pytest.raises(ValueError):
         stack_adapters([], r_max=2)
+
+
+@pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot"])
+def test_plan_and_lora_add_match_naive(case: str) -> None:
+    from tokenmill.lora.punica import lora_add_, make_plan
+
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_out, ranks = 32, 24, [4, 8, 8]
+    adapters = _adapters(gen, ranks, d_in, d_out)
+    a_stack, b_stack, scales = stack_adapters(adapters, r_max=8)
+    b_scaled = b_stack * scales.view(-1, 1, 1)  # the serving path folds scales into B
+    n = 13
+    slots = {"mixed": [(-1, 0, 2, 2, 1)[i % 5] for i in range(n)],
+             "one-slot-all": [1] * n, "one-slot-some": [1 if i % 3 else -1 for i in range(n)],
+             "none": [-1] * n, "every-slot": [i % 3 for i in range(n)]}[case]
+    x = torch.randn(n, d_in, generator=gen)
+    base = torch.randn(n, d_out, generator=gen)
+    plan = make_plan(slots, torch.device("cpu"))
+    if case == "none":
+        assert plan is None
+        return
+    assert plan is not None and plan.identity == (case == "one-slot-all")
+    y = base.clone()
+    lora_add_(y, x, plan, a_stack, b_scaled)
+    want = base + _naive(x, torch.tensor(slots), adapters, d_out)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)

@@ -255,13 +255,19 @@ def test_truncate_keeps_last_tokens() -> None:
     ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
     ({"seed": 2**64}, "`seed` must be >= 0 and < 2**64. Given: 18446744073709551616"),
     ({"seed": -1}, "`seed` must be >= 0 and < 2**64. Given: -1"),
-    ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported yet"),
-    ({"watermark": True}, "watermark is not supported yet"),
+    ({"grammar": {"type": "xml", "value": "x"}}, "grammar is not valid: `type` must be one of "
+     "json, json_object, json_schema, regex or lark. Given: 'xml'"),
     ({"adapter_id": "../x"}, "adapter '../x' is not loaded"),
     ({"stop": [""]}, "`stop` sequences cannot be empty strings"),
 ])
 def test_generate_messages(params: dict[str, Any], message: str) -> None:
     assert gen_error(params) == message
+
+
+def test_watermark_reaches_sampling_params() -> None:
+    assert gen({"watermark": True})[1].watermark is True
+    assert gen({"watermark": False})[1].watermark is False
+    assert gen(None)[1].watermark is False
 
 
 def test_stream_only_messages() -> None:
@@ -397,10 +403,8 @@ def test_choice_params_offsets_seed() -> None:
     ({"logit_bias": {"5": 101}}, "`logit_bias` values must be >= -100 and <= 100. Given: 101.0"),
     ({"logit_bias": {str(i): 1 for i in range(301)}},
      "`logit_bias` supports up to 300 entries. Given: 301"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools are not supported yet"),
-    ({"tool_choice": "required"}, "tool_choice is not supported yet"),
-    ({"response_format": {"type": "json_object"}}, "response_format is not supported yet"),
+    ({"response_format": {"type": "yaml"}}, "grammar is not valid: `response_format.type` must "
+     "be text, json_object or json_schema. Given: 'yaml'"),
     ({"messages": []}, "`messages` cannot be empty"),
 ])
 def test_chat_messages(body: dict[str, Any], message: str) -> None:

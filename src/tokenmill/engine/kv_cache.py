@@ -75,7 +75,7 @@ class KVCacheManager:
         parent: BlockHash | None = None
         for i in range(max_blocks):
             tokens = tuple(req.token_ids_slice(i * bs, (i + 1) * bs))
-            parent = self.hash_block(parent, req.adapter_id, tokens)
+            parent = self.hash_block(parent, req.cache_salt or req.adapter_id, tokens)
             block_id = self.hash_to_block.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -139,7 +139,7 @@ class KVCacheManager:
         parent = entry.hashes[-1] if entry.hashes else None
         for i in range(len(entry.hashes), num_full):
             tokens = tuple(req.token_ids_slice(i * bs, (i + 1) * bs))
-            parent = self.hash_block(parent, req.adapter_id, tokens)
+            parent = self.hash_block(parent, req.cache_salt or req.adapter_id, tokens)
             entry.hashes.append(parent)
             block = self.blocks[req.block_ids[i]]
             if block.hash is None and parent not in self.hash_to_block:

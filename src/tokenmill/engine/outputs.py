@@ -21,6 +21,7 @@ class NewRequestData:
     seed: int
     stop_token_ids: list[int]
     adapter_id: str | None = None
+    lora_slot: int = -1  # the device slot holding the adapter's weights (-1: base model)
 
 
 @dataclass(slots=True)
@@ -39,6 +40,8 @@ class SchedulerOutput:
     # Requests the runner must forget (finished, aborted or preempted) before this step.
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    # LoRA adapters to copy into device slots before this step: (slot, adapter name).
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

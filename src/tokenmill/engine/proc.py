@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -35,10 +36,12 @@ import zmq
 from tokenmill.config import EngineConfig
 from tokenmill.ipc import (
     AbortRequests,
+    AdapterDone,
     AddRequest,
     Fatal,
     FromEngine,
     FromEngineEncoder,
+    LoadAdapter,
     Outputs,
     Ping,
     Pong,
@@ -46,6 +49,7 @@ from tokenmill.ipc import (
     RequestFailed,
     Shutdown,
     ToEngineDecoder,
+    UnloadAdapter,
     collect_stats,
 )
 
@@ -123,6 +127,8 @@ class EngineProc:
         self.output.send(self.encoder.encode(msg), copy=False)
 
     def close(self) -> None:
+        if self.core is not None:
+            self.core.close()
         self.input.close()
         self.output.close()
         self.ctx.term()
@@ -132,6 +138,10 @@ class EngineProc:
 
         built = build_core(config)
         self.core = built.core
+        grammar = built.runner.grammar
+        if grammar is not None:  # build the grammar tokenizer now, not on the first request
+            threading.Thread(target=lambda: getattr(grammar, "tokenizer", None),
+                             name="grammar-tokenizer", daemon=True).start()
         info = built.engine_info()
         logger.info("engine ready: %s, %d KV blocks of %d, max_model_len %d", info.model_id,
                     info.num_kv_blocks, info.block_size, info.max_model_len)
@@ -157,8 +167,16 @@ class EngineProc:
                 core.abort(rid)
         elif isinstance(msg, Ping):
             self.send(Pong(msg.nonce, collect_stats(core)))
+        elif isinstance(msg, LoadAdapter):
+            core.load_adapter(msg.name, msg.path, self._adapter_reply(msg.nonce))
+        elif isinstance(msg, UnloadAdapter):
+            self.stats_dirty = True
+            core.unload_adapter(msg.name, self._adapter_reply(msg.nonce))
         elif isinstance(msg, Shutdown):
             self.stop = True
+
+    def _adapter_reply(self, nonce: int) -> Callable[[str | None], None]:
+        return lambda error: self.send(AdapterDone(nonce, error))
 
     def run(self) -> None:
         core = self.core
@@ -174,6 +192,7 @@ class EngineProc:
                     self.handle(frame)
             if self.stop:
                 break
+            core.poll_adapters()
             outputs = core.step() if core.has_unfinished else []
             if outputs or self.stats_dirty:
                 self.send(Outputs(outputs, collect_stats(core)))

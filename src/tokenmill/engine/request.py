@@ -28,6 +28,9 @@ class Request:
     seed: int
     eos_token_ids: frozenset[int] = frozenset()
     adapter_id: str | None = None
+    # Prefix-cache salt: the adapter id plus its load generation, so blocks computed with an
+    # unloaded adapter are never reused by a new adapter loaded under the same name.
+    cache_salt: str | None = None
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose K/V are in the cache (prompt and output alike). The scheduler
@@ -38,6 +41,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    lora_slot: int = -1  # the adapter's device slot while running (pinned), else -1
     max_tokens: int = 0  # cap on prompt + output, set by the scheduler from the model length
 
     @property

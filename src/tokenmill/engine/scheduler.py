@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 from tokenmill.config import SchedulerConfig
+from tokenmill.engine.adapters import AdapterSlots
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.outputs import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tokenmill.engine.request import Request, RequestStatus
@@ -27,6 +28,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # to tell the runner at the next step
         self._prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
         self.num_preemptions = 0
+        self.adapters = AdapterSlots(config.max_active_adapters)
 
     # ---- intake ------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -81,15 +83,20 @@ class Scheduler:
                 i += 1
 
         # New work only when nothing had to be preempted this step (avoids thrashing).
+        blocked: list[Request] = []  # waiting for an adapter slot: skipped, not blocking
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.adapter_id is not None and not self._pin_adapter(req, out):
+                blocked.append(self.waiting.popleft())
+                continue
             # Prompt logprobs need every prompt position computed: no prefix reuse until sent.
             skip_cache = req.params.prompt_logprobs is not None and not req.output_token_ids
             computed = [] if skip_cache else self.kv.get_computed_blocks(req)
             num_cached = len(computed) * self.kv.block_size
             n = self._chunk_size(req, req.num_tokens - num_cached, budget)
             if n == 0 or not self.kv.allocate_slots(req, n, computed):
+                self._unpin_adapter(req)
                 break
             self.waiting.popleft()
             self.kv.record_prefix_lookup(req.num_prompt_tokens, num_cached)
@@ -101,10 +108,27 @@ class Scheduler:
             out.new_requests.append(NewRequestData(
                 request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=list(req.output_token_ids), params=req.params, seed=req.seed,
-                stop_token_ids=sorted(req.stop_token_ids), adapter_id=req.adapter_id))
+                stop_token_ids=sorted(req.stop_token_ids), adapter_id=req.adapter_id,
+                lora_slot=req.lora_slot))
             self._emit_chunk(req, n, out)
             budget -= n
+        self.waiting.extendleft(reversed(blocked))
         return out
+
+    def _pin_adapter(self, req: Request, out: SchedulerOutput) -> bool:
+        assert req.adapter_id is not None
+        got = self.adapters.acquire(req.adapter_id)
+        if got is None:
+            return False
+        req.lora_slot, placed = got
+        if placed:  # the runner copies the weights into the slot before this step runs
+            out.lora_loads.append((req.lora_slot, req.adapter_id))
+        return True
+
+    def _unpin_adapter(self, req: Request) -> None:
+        if req.adapter_id is not None and req.lora_slot >= 0:
+            self.adapters.release(req.adapter_id)
+        req.lora_slot = -1
 
     def _chunk_size(self, req: Request, remaining: int, budget: int) -> int:
         if remaining <= budget:
@@ -120,6 +144,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
+        self._unpin_adapter(req)
         self._prompt_logprobs.pop(req.request_id, None)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -161,6 +186,7 @@ class Scheduler:
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
             self._finished_ids.append(req.request_id)
+            self._unpin_adapter(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
         self.kv.free(req)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.frontend.engine_protocol import OnDead
-from tokenmill.frontend.llm_engine import LLMEngine, ModelInfo
+from tokenmill.frontend.llm_engine import LLMEngine, ModelInfo, check_adapter_change
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.ipc import EngineStats, collect_stats
 from tokenmill.protocol import EngineRequest, SamplingParams
@@ -121,6 +121,34 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter while the engine runs; raises ValueError when it cannot."""
+        check_adapter_change(self.info, name, load=True)
+        await self._adapter_command("load_adapter", name, path)
+        if name not in self.info.adapters:
+            self.info.adapters.append(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests for `name` are refused at once; returns when its running ones are
+        done and it is gone. Raises LookupError when it is not loaded."""
+        check_adapter_change(self.info, name, load=False)
+        self.info.adapters.remove(name)
+        await self._adapter_command("unload_adapter", name, None)
+
+    async def _adapter_command(self, cmd: str, name: str, path: str | None) -> None:
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str | None] = loop.create_future()
+
+        def reply(error: str | None) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(_resolve, fut, error)
+
+        self._commands.put((cmd, (name, path, reply)))
+        error = await fut
+        if error is not None:
+            raise ValueError(error)
+
     def shutdown(self, timeout: float = 5.0) -> _Done:
         """Stop the engine thread (blocks up to `timeout`); the result may be awaited."""
         self._stop.set()
@@ -150,6 +178,11 @@ class AsyncLLM:
         elif cmd == "ping":
             loop, fut = arg
             loop.call_soon_threadsafe(_resolve, fut, collect_stats(self.engine.core))
+        elif cmd == "load_adapter":
+            self.engine.core.load_adapter(*arg)
+        elif cmd == "unload_adapter":
+            name, _, reply = arg
+            self.engine.core.unload_adapter(name, reply)
 
     def _loop(self) -> None:
         try:
@@ -163,6 +196,7 @@ class AsyncLLM:
                         self._handle(cmd, arg)
                 except queue.Empty:
                     pass
+                self.engine.core.poll_adapters()
                 if self.engine.has_unfinished:
                     for out in self.engine.step():
                         self._deliver(out.request_id, copy.copy(out))

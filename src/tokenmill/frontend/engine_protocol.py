@@ -43,6 +43,15 @@ class AsyncEngine(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter at run time (the batch goes on); ValueError when it cannot."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for `name` now, return once its requests are done and it is
+        gone; LookupError when it is not loaded."""
+        ...
+
     async def ping(self, timeout: float = 5.0) -> EngineStats:
         """A round trip through the engine loop; raises TimeoutError / EngineDeadError."""
         ...

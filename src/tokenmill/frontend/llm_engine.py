@@ -48,6 +48,18 @@ class ModelInfo:
                    adapters=list(ei.adapters))
 
 
+def check_adapter_change(info: ModelInfo, name: str, *, load: bool) -> None:
+    """The front end's view of a LoRA load / unload it is about to ask for (ValueError)."""
+    if not name or len(name) > 256 or any(c in name for c in "\x00\n\r"):
+        raise ValueError("invalid adapter name")
+    if name == info.model_id:
+        raise ValueError(f"'{name}' is the base model's id")
+    if load and name in info.adapters:
+        raise ValueError(f"adapter '{name}' is already loaded")
+    if not load and name not in info.adapters:
+        raise LookupError(f"adapter '{name}' is not loaded")
+
+
 def load_tokenizer(source: ModelSource) -> Tokenizer:
     """The tokenizer of a resolved model (GGUF metadata or the folder's tokenizer files)."""
     from tokenmill.loader import read_gguf
@@ -142,11 +154,26 @@ class LLMEngine:
         self.core.abort(request_id)
         return self.processor.abort(request_id)
 
+    # ---- LoRA adapters (synchronous; the async engines load off the loop's thread) -------
+    def load_adapter(self, name: str, path: str) -> None:
+        check_adapter_change(self.info, name, load=True)
+        runner: Any = self.core.runner
+        self.core.register_adapter(name, runner.read_adapter(name, path))
+        self.info.adapters.append(name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for `name`; it is dropped once its requests finish."""
+        check_adapter_change(self.info, name, load=False)
+        self.info.adapters.remove(name)
+        self.core.unload_adapter(name, lambda error: None)
+        self.core.poll_adapters()
+
     @property
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished
 
     def step(self) -> list[RequestOutput]:
+        self.core.poll_adapters()
         results: list[RequestOutput] = []
         for eo in self.core.step():
             out, abort = self.processor.process(eo)

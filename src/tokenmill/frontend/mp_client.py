@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,17 +39,25 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.proc import IPC_DIR_PREFIX
 from tokenmill.frontend.async_llm import EngineDeadError
 from tokenmill.frontend.engine_protocol import OnDead
-from tokenmill.frontend.llm_engine import InputPreparer, ModelInfo, eos_token_ids, load_tokenizer
+from tokenmill.frontend.llm_engine import (
+    InputPreparer,
+    ModelInfo,
+    check_adapter_change,
+    eos_token_ids,
+    load_tokenizer,
+)
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.frontend.processor import OutputProcessor
 from tokenmill.ipc import (
     AbortRequests,
+    AdapterDone,
     AddRequest,
     EngineInfo,
     EngineStats,
     Fatal,
     FromEngine,
     FromEngineDecoder,
+    LoadAdapter,
     Outputs,
     Ping,
     Pong,
@@ -58,6 +66,7 @@ from tokenmill.ipc import (
     Shutdown,
     ToEngine,
     ToEngineEncoder,
+    UnloadAdapter,
 )
 from tokenmill.loader import ModelLoadError
 from tokenmill.protocol import SamplingParams
@@ -176,6 +185,7 @@ class MPAsyncLLM:
         self.on_dead: OnDead | None = None
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._pings: dict[int, asyncio.Future[EngineStats]] = {}
+        self._adapter_ops: dict[int, asyncio.Future[str | None]] = {}
         self._nonces = itertools.count(1)
         self._stats = EngineStats(num_kv_blocks=info.num_kv_blocks,
                                   num_free_kv_blocks=info.num_kv_blocks)
@@ -308,6 +318,34 @@ class MPAsyncLLM:
             q.put_nowait(copy.copy(out))
         self._send_quietly(AbortRequests([request_id]))
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter while the engine runs; raises ValueError when it cannot."""
+        check_adapter_change(self._info, name, load=True)
+        await self._adapter_op(lambda nonce: LoadAdapter(nonce, name, path))
+        if name not in self._info.adapters:
+            self._info.adapters.append(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        """New requests for `name` are refused at once; returns when its running ones are
+        done and it is gone. Raises LookupError when it is not loaded."""
+        check_adapter_change(self._info, name, load=False)
+        self._info.adapters.remove(name)
+        await self._adapter_op(lambda nonce: UnloadAdapter(nonce, name))
+
+    async def _adapter_op(self, make: Callable[[int], ToEngine]) -> None:
+        if not self.is_alive:
+            raise self._dead_error()
+        nonce = next(self._nonces)
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._adapter_ops[nonce] = fut
+        try:
+            self._ch.send(make(nonce))
+            error = await fut
+        finally:
+            self._adapter_ops.pop(nonce, None)
+        if error is not None:
+            raise ValueError(error)
+
     async def ping(self, timeout: float = 5.0) -> EngineStats:
         if not self.is_alive:
             raise self._dead_error()
@@ -364,7 +402,8 @@ class MPAsyncLLM:
             logger.error("engine died: %s", reason)
         for q in self._streams.values():
             q.put_nowait(EngineDeadError(reason))
-        for fut in self._pings.values():
+        futures: list[asyncio.Future[Any]] = [*self._pings.values(), *self._adapter_ops.values()]
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(EngineDeadError(reason))
         self.processor.tracked.clear()
@@ -398,6 +437,10 @@ class MPAsyncLLM:
             q = self._streams.get(msg.request_id)
             if q is not None:
                 q.put_nowait(ValueError(msg.message))
+        elif isinstance(msg, AdapterDone):
+            op = self._adapter_ops.get(msg.nonce)
+            if op is not None and not op.done():
+                op.set_result(msg.error)
         elif isinstance(msg, Fatal):
             self._mark_dead(f"engine failed: {msg.message}")
         # Ready: only expected once, before this task started

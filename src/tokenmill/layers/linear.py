@@ -44,9 +44,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
-            delta = self.lora.delta(x)  # None when no row of this batch uses an adapter
-            if delta is not None:
-                y = y + delta
+            self.lora.add_(x, y)  # in place; nothing when no row of this batch uses an adapter
         return y
 
 

@@ -27,7 +27,7 @@ from tokenmill.loader.safetensors_weights import (
     safetensors_files,
 )
 
-__all__ = ["HUB_ALLOW_PATTERNS", "ModelFormat", "ModelSource", "resolve_model"]
+__all__ = ["HUB_ALLOW_PATTERNS", "ModelFormat", "ModelSource", "hub_snapshot", "resolve_model"]
 
 logger = logging.getLogger("tokenmill.loader")
 
@@ -215,7 +215,10 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def _hub_source(model_id: str, revision: str | None, token: str | None) -> ModelSource:
+def hub_snapshot(repo_id: str, *, revision: str | None, token: str | None,
+                 patterns: list[str], kind: str = "model") -> Path:
+    """The local snapshot folder of a Hub repo (the cache, or a download unless
+    HF_HUB_OFFLINE); every failure is a one-line ModelLoadError naming the `kind` and id."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -227,17 +230,10 @@ def _hub_source(model_id: str, revision: str | None, token: str | None) -> Model
         RevisionNotFoundError,
     )
 
-    parts = model_id.split("/")
-    gguf_file: str | None = None
-    repo_id = model_id
-    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
-        repo_id, gguf_file = "/".join(parts[:2]), "/".join(parts[2:])
-    patterns = [*_HUB_FILES, gguf_file] if gguf_file else list(HUB_ALLOW_PATTERNS)
-
     offline = _hub_offline()
     cache = _hub_cache_dir()
     rev = f" (revision {revision!r})" if revision else ""
-    what = f"model '{repo_id}'{rev}"
+    what = f"{kind} '{repo_id}'{rev}"
     logger.info("resolving %s from the Hub cache at %s%s", what, cache, " (offline)" * offline)
     try:
         folder = snapshot_download(
@@ -250,7 +246,7 @@ def _hub_source(model_id: str, revision: str | None, token: str | None) -> Model
         )
     except HFValidationError as e:
         raise ModelLoadError(
-            f"'{model_id}' is neither an existing local path nor a valid Hub model id"
+            f"'{repo_id}' is neither an existing local path nor a valid Hub {kind} id"
             f" (org/name): {_first_line(e)}"
         ) from e
     except IncompleteSnapshotError as e:
@@ -273,17 +269,29 @@ def _hub_source(model_id: str, revision: str | None, token: str | None) -> Model
             " (HF_TOKEN) of an account that has access"
         ) from e
     except RevisionNotFoundError as e:
-        raise ModelLoadError(f"revision {revision!r} of model '{repo_id}' was not found") from e
+        raise ModelLoadError(f"revision {revision!r} of {kind} '{repo_id}' was not found") from e
     except RepositoryNotFoundError as e:
         raise ModelLoadError(
-            f"model '{repo_id}' was not found on the Hub (or it is private: set HF_TOKEN)"
+            f"{kind} '{repo_id}' was not found on the Hub (or it is private: set HF_TOKEN)"
         ) from e
     except HfHubHTTPError as e:
         raise ModelLoadError(f"cannot download {what} from the Hub: {_first_line(e)}") from e
     except OSError as e:
         raise ModelLoadError(f"cannot download {what} into {cache}: {_first_line(e)}") from e
+    return Path(folder)
 
-    snapshot = Path(folder)
+
+def _hub_source(model_id: str, revision: str | None, token: str | None) -> ModelSource:
+    parts = model_id.split("/")
+    gguf_file: str | None = None
+    repo_id = model_id
+    if len(parts) > 2 and parts[-1].lower().endswith(".gguf"):
+        repo_id, gguf_file = "/".join(parts[:2]), "/".join(parts[2:])
+    patterns = [*_HUB_FILES, gguf_file] if gguf_file else list(HUB_ALLOW_PATTERNS)
+    rev = f" (revision {revision!r})" if revision else ""
+    what = f"model '{repo_id}'{rev}"
+    snapshot = hub_snapshot(repo_id, revision=revision, token=token, patterns=patterns,
+                            kind="model")
     if gguf_file is not None:
         path = snapshot / gguf_file
         if not path.is_file():

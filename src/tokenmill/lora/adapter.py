@@ -72,6 +72,39 @@ def resolve_adapter_path(root: Path, requested: str) -> Path:
     return real
 
 
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """TGI's `--lora-adapters` entries → (name, location): `name=path_or_hub_id`, a local path
+    (named after its folder), or a plain Hub id, optionally `@revision` (named after the id)."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        if spec.count("=") > 1 or spec.count("@") > 1:
+            raise AdapterError(f"--lora-adapters: invalid LoRA adapter format {spec!r}")
+        name, sep, where = (part.strip() for part in spec.partition("="))
+        if not sep:
+            where = name
+            local = Path(where).expanduser()
+            name = local.name if local.exists() else where.partition("@")[0]
+        if not name or not where:
+            raise AdapterError(f"--lora-adapters: {spec!r} is not name=path, a path or a Hub id")
+        if any(n == name for n, _ in out):
+            raise AdapterError(f"--lora-adapters: adapter name {name!r} is given twice")
+        out.append((name, where))
+    return out
+
+
+def adapter_location(where: str) -> Path:
+    """A local adapter folder, or a Hub adapter repo `org/name[@revision]` found in (or
+    fetched into) the Hub cache, HF_HUB_OFFLINE honoured; ModelLoadError when it cannot be."""
+    local = Path(where).expanduser()
+    repo, _, revision = where.partition("@")
+    if local.exists() or where.startswith(("/", ".", "~")) or repo.count("/") != 1:
+        return local
+    from tokenmill.loader.source import hub_snapshot
+
+    return hub_snapshot(repo, revision=revision or None, token=None, kind="LoRA adapter",
+                        patterns=[CONFIG_NAME, WEIGHTS_NAME])
+
+
 def _fail(path: Path, field: str, why: str) -> AdapterError:
     return AdapterError(f"{path}: {field}: {why}")
 

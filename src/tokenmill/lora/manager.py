@@ -1,9 +1,12 @@
-"""Adapters resident with the model, and the per-layer stacks the linear layers read.
+"""Adapters held in host memory, the device slots they are copied into, and the per-layer
+stacks the linear layers read.
 
-Each adapter gets a slot. For every (layer, projection) the manager keeps one zero-padded stack
-over all slots (an adapter that does not target a projection contributes zeros there), so a
-batch mixing adapters of different ranks, and rows with none, is one batched product per
-projection. The runner sets the slot of every token before each forward pass.
+Every adapter the engine knows lives on the host (`host`). The scheduler decides which ones
+occupy the device's slots (`engine/adapters.py`) and the runner calls `activate(slot, name)` to
+copy one in. Each LoRA-carrying `Linear` gets one fused stack for all of its shards (q/k/v, or
+gate/up): A [S, n_shards * r, in] and a block-diagonal B [S, out, n_shards * r] with the scale
+folded in, so a mixed batch costs one gathered matmul pair per linear, whatever the mix of
+adapters, ranks and target modules (absent modules and ranks below r are exact zeros).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 import torch
 
 from tokenmill.layers.linear import Linear
-from tokenmill.lora.adapter import SUPPORTED_MODULES, LoraAdapter, load_peft_adapter
-from tokenmill.lora.punica import lora_delta, stack_adapters
+from tokenmill.lora.adapter import LoraAdapter, load_peft_adapter
+from tokenmill.lora.punica import LoraPlan, lora_add_, make_plan
 
 # checkpoint projection → (linear module in our model, shard of that linear)
 PLACEMENT: dict[str, tuple[str, str]] = {
@@ -28,29 +31,53 @@ PLACEMENT: dict[str, tuple[str, str]] = {
 
 @dataclass
 class LoraBatch:
-    """The adapter slot of every token in this step ([T] long, -1: base); None: no adapter."""
+    """This step's grouping of tokens by adapter slot; None when no token uses an adapter."""
 
-    token_slot: torch.Tensor | None = None
+    plan: LoraPlan | None = None
 
 
 class LoraLinear:
-    """Hangs off a `Linear`: the stacks of each of its shards, and the shared batch state."""
+    """Hangs off a `Linear`: the fused stacks of its shards, and the shared batch state."""
 
-    def __init__(self, batch: LoraBatch, shards: list[tuple[str, int]]) -> None:
+    def __init__(self, batch: LoraBatch, shards: list[tuple[str, int]], fan_in: int) -> None:
         self.batch = batch
         self.shards = shards
-        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.fan_in = fan_in
+        self.a: torch.Tensor | None = None  # [S, n_shards * rank, in]
+        self.b: torch.Tensor | None = None  # [S, out, n_shards * rank]
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        slot = self.batch.token_slot
-        if slot is None or not self.stacks:
-            return None
-        parts = []
-        for shard, rows in self.shards:
-            st = self.stacks.get(shard)
-            parts.append(lora_delta(x, slot, *st).to(x.dtype) if st is not None
-                         else x.new_zeros(x.shape[0], rows))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    def add_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        plan = self.batch.plan
+        if plan is not None and self.a is not None and self.b is not None:
+            lora_add_(y, x, plan, self.a, self.b)
+
+    def resize(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        """(Re)allocate for `num_slots` slots of rank `rank`, keeping what is there."""
+        n, out = len(self.shards), sum(rows for _, rows in self.shards)
+        a = torch.zeros(num_slots, n * rank, self.fan_in, dtype=dtype, device=device)
+        b = torch.zeros(num_slots, out, n * rank, dtype=dtype, device=device)
+        if self.a is not None and self.b is not None:
+            s0, r0 = self.a.shape[0], self.a.shape[1] // n
+            for j in range(n):
+                a[:s0, j * rank:j * rank + r0] = self.a[:, j * r0:(j + 1) * r0]
+                b[:s0, :, j * rank:j * rank + r0] = self.b[:, :, j * r0:(j + 1) * r0]
+        self.a, self.b = a, b
+
+    def write(self, slot: int, parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+              ) -> None:
+        """Fill `slot` with the (A, B, scale) of each targeted shard; the rest become zeros."""
+        assert self.a is not None and self.b is not None
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        rank = self.a.shape[1] // len(self.shards)
+        offset = 0
+        for j, (shard, rows) in enumerate(self.shards):
+            if shard in parts:
+                a, b, scale = parts[shard]
+                r = a.shape[0]
+                self.a[slot, j * rank:j * rank + r] = a
+                self.b[slot, offset:offset + rows, j * rank:j * rank + r] = b * scale
+            offset += rows
 
 
 class LoraManager:
@@ -60,9 +87,11 @@ class LoraManager:
         assert isinstance(model, LlamaForCausalLM)
         self.model = model
         self.device = device
+        self.dtype = model.embed_tokens.weight.dtype
         self.batch = LoraBatch()
-        self.adapters: dict[str, LoraAdapter] = {}
-        self.slots: dict[str, int] = {}
+        self.host: dict[str, LoraAdapter] = {}
+        self.slot_names: list[str | None] = []  # what each device slot holds
+        self.rank = 0  # the block rank of the stacks: the largest rank ever activated
         c = model.cfg
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.module_shapes = {
@@ -72,51 +101,63 @@ class LoraManager:
             "up_proj": (c.hidden_size, c.intermediate_size),
             "down_proj": (c.intermediate_size, c.hidden_size),
         }
+        # (layer, linear module name) -> its LoraLinear once some adapter targets it
+        self.linears: dict[tuple[int, str], LoraLinear] = {}
 
     @property
     def names(self) -> list[str]:
-        return list(self.slots)
+        return list(self.host)
+
+    def read(self, name: str, path: Path) -> LoraAdapter:
+        """Read and check an adapter (any thread: touches no shared state)."""
+        return load_peft_adapter(path, name, num_layers=self.model.cfg.num_layers,
+                                 module_shapes=self.module_shapes)
+
+    def add(self, adapter: LoraAdapter) -> None:
+        if adapter.name in self.host:
+            raise ValueError(f"adapter {adapter.name!r} is already loaded")
+        self.host[adapter.name] = adapter
 
     def load(self, name: str, path: Path) -> None:
-        if name in self.slots:
-            raise ValueError(f"adapter {name!r} is already loaded")
-        adapter = load_peft_adapter(path, name, num_layers=self.model.cfg.num_layers,
-                                    module_shapes=self.module_shapes)
-        self.adapters[name] = adapter
-        self.slots[name] = len(self.slots)
-        self._rebuild()
+        self.add(self.read(name, path))
 
-    def slot_of(self, adapter_id: str | None) -> int:
-        if adapter_id is None:
-            return -1
-        if adapter_id not in self.slots:
-            raise ValueError(f"adapter {adapter_id!r} is not loaded")
-        return self.slots[adapter_id]
+    @torch.inference_mode()  # the stacks are inference tensors (made during a step)
+    def remove(self, name: str) -> None:
+        self.host.pop(name, None)
+        for slot, held in enumerate(self.slot_names):
+            if held == name:
+                for ll in self.linears.values():
+                    ll.write(slot, {})
+                self.slot_names[slot] = None
+
+    @torch.inference_mode()
+    def activate(self, slot: int, name: str) -> None:
+        """Copy adapter `name` from host memory into device slot `slot` (replacing any)."""
+        adapter = self.host[name]
+        by_linear: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+        by_linear = {}
+        for (layer, proj), w in adapter.weights.items():
+            mod_name, shard = PLACEMENT[proj]
+            by_linear.setdefault((layer, mod_name), {})[shard] = w
+        if slot >= len(self.slot_names) or adapter.rank > self.rank:
+            self.slot_names.extend([None] * (slot + 1 - len(self.slot_names)))
+            self.rank = max(self.rank, adapter.rank)
+            for ll in self.linears.values():
+                ll.resize(len(self.slot_names), self.rank, self.dtype, self.device)
+        for key in by_linear:
+            if key not in self.linears:
+                self.linears[key] = self._attach(*key)
+        for key, ll in self.linears.items():
+            ll.write(slot, by_linear.get(key, {}))
+        self.slot_names[slot] = name
+
+    def _attach(self, layer_idx: int, mod_name: str) -> LoraLinear:
+        linear = self.model.layers[layer_idx].get_submodule(mod_name)
+        assert isinstance(linear, Linear)
+        ll = LoraLinear(self.batch, linear.shards(), linear.in_features)
+        ll.resize(len(self.slot_names), self.rank, self.dtype, self.device)
+        linear.lora = ll
+        return ll
 
     def set_batch(self, token_slots: list[int]) -> None:
-        self.batch.token_slot = (torch.tensor(token_slots, dtype=torch.long, device=self.device)
-                                 if any(s >= 0 for s in token_slots) else None)
-
-    def _rebuild(self) -> None:
-        dtype = self.model.embed_tokens.weight.dtype
-        order = sorted(self.slots, key=self.slots.__getitem__)
-        for layer_idx, layer in enumerate(self.model.layers):
-            for proj in SUPPORTED_MODULES:
-                mod_name, shard = PLACEMENT[proj]
-                linear = layer.get_submodule(mod_name)
-                assert isinstance(linear, Linear)
-                if linear.lora is None:
-                    linear.lora = LoraLinear(self.batch, linear.shards())
-                triples = []
-                din, dout = self.module_shapes[proj]
-                for name in order:
-                    w = self.adapters[name].weights.get((layer_idx, proj))
-                    triples.append(w if w is not None else
-                                   (torch.zeros(1, din), torch.zeros(dout, 1), 0.0))
-                if all(self.adapters[n].weights.get((layer_idx, proj)) is None for n in order):
-                    linear.lora.stacks.pop(shard, None)
-                    continue
-                r_max = max(a.shape[0] for a, _, _ in triples)
-                a, b, s = stack_adapters(triples, r_max)
-                linear.lora.stacks[shard] = (a.to(self.device, dtype), b.to(self.device, dtype),
-                                             s.to(self.device, dtype))
+        self.batch.plan = make_plan(token_slots, self.device)

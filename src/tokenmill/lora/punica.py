@@ -8,16 +8,30 @@ Two vectorised variants, neither loops in Python over requests or tokens:
 - `lora_delta_bgmv`: gathers each token's A and B and runs one bmm per factor (decode-shaped).
 - `lora_delta_sgmv`: sorts tokens by slot, packs them into a [S, max_tokens_per_slot, in]
   buffer and runs one bmm per factor over the slots (prefill-shaped: weights read once).
-`lora_delta` picks between them (see `_SGMV_MIN_TOKENS_PER_SLOT`)."""
+`lora_delta` picks between them (see `_SGMV_MIN_TOKENS_PER_SLOT`).
+
+The serving path (`LoraPlan` + `lora_add_`) is SGMV with the segment bookkeeping done once per
+step on the host (`make_plan`) instead of once per projection, scales folded into B, and a
+plain matmul pair when the whole batch uses one adapter. On CUDA with triton installed it runs
+the Triton shrink/expand kernels of `triton_lora.py` instead (`TOKENMILL_LORA_TRITON=0`: off)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
+
+from tokenmill.lora.triton_lora import lora_add_triton_, triton_available
 
 # Measured on CPU (2 threads, fp32, in=out=576, r=16, S=8, random slots incl. -1): T=64 BGMV
 # ~11.3 ms vs SGMV ~1.3 ms (BGMV copies T*(r*in + out*r) weights); T=4 BGMV ~1.1 ms vs SGMV
 # ~1.5 ms; crossover near T = S. So SGMV once there are at least as many tokens as slots.
 _SGMV_MIN_TOKENS_PER_SLOT = 1.0
+
+# Tokens per Triton program (`LoraPlan.blocks`): one decode token per adapter wastes most of a
+# 16-row tile, but 16 is the smallest tile tl.dot takes, and prefill segments fill it.
+TRITON_TOKEN_BLOCK = 16
 
 
 def stack_adapters(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], r_max: int,
@@ -100,3 +114,83 @@ def lora_delta(x: torch.Tensor, token_slot: torch.Tensor, a_stack: torch.Tensor,
     if n_tokens >= _SGMV_MIN_TOKENS_PER_SLOT * a_stack.shape[0]:
         return lora_delta_sgmv(x, token_slot, a_stack, b_stack, scales)
     return lora_delta_bgmv(x, token_slot, a_stack, b_stack, scales)
+
+
+@dataclass(slots=True)
+class LoraPlan:
+    """Which token rows use which adapter slot this step; shared by every LoRA linear."""
+
+    rows: torch.Tensor  # [N] rows that use an adapter, grouped by slot
+    slots: list[int]  # the distinct slots in group order
+    slot_index: torch.Tensor  # the same, as a device tensor
+    pad_index: torch.Tensor | None  # [N] row of each token in the padded [U * M] buffer
+    max_count: int  # M: the most tokens on one slot
+    identity: bool  # rows == arange(T): one slot, every token (no gather or scatter)
+    # Triton path only (None: torch path). Each slot's run of `rows` cut into blocks of
+    # `token_block`: [n_blocks, 3] int32 = (slot, first index into rows, end of its segment).
+    blocks: torch.Tensor | None = None
+    token_block: int = TRITON_TOKEN_BLOCK
+
+
+def use_triton(device: torch.device) -> bool:
+    """The Triton kernels serve CUDA devices when triton imports, unless TOKENMILL_LORA_TRITON=0."""
+    return (device.type == "cuda" and os.environ.get("TOKENMILL_LORA_TRITON", "1") != "0"
+            and triton_available())
+
+
+def make_plan(token_slots: list[int], device: torch.device, triton: bool | None = None,
+              ) -> LoraPlan | None:
+    """Group the step's tokens by slot (-1: no adapter); None when no token uses one.
+
+    `triton` adds the Triton kernels' block table (default: `use_triton(device)`)."""
+    groups: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            groups.setdefault(s, []).append(t)
+    if not groups:
+        return None
+    slots = sorted(groups)
+    rows = [t for s in slots for t in groups[s]]
+    max_count = max(len(g) for g in groups.values())
+    pad = None
+    if len(slots) > 1:
+        pad = torch.tensor([i * max_count + j for i, s in enumerate(slots)
+                            for j in range(len(groups[s]))], dtype=torch.long, device=device)
+    blocks = None
+    if use_triton(device) if triton is None else triton:
+        table, start, tb = [], 0, TRITON_TOKEN_BLOCK
+        for s in slots:
+            end = start + len(groups[s])
+            table += [(s, b, end) for b in range(start, end, tb)]
+            start = end
+        blocks = torch.tensor(table, dtype=torch.int32, device=device)
+    return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), slots=slots,
+                    slot_index=torch.tensor(slots, dtype=torch.long, device=device),
+                    pad_index=pad, max_count=max_count,
+                    identity=len(slots) == 1 and len(rows) == len(token_slots), blocks=blocks)
+
+
+def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.Tensor,
+              b_stack: torch.Tensor) -> torch.Tensor:
+    """y[t] += B_s @ (A_s @ x[t]) for the planned rows, in place; scales live in B.
+
+    x [T, in], y [T, out], a_stack [S, R, in], b_stack [S, out, R]."""
+    if plan.blocks is not None and x.is_cuda:  # the plan chose Triton (see `make_plan`)
+        return lora_add_triton_(y, x, plan, a_stack, b_stack)
+    if plan.identity:
+        s = plan.slots[0]
+        y += (x @ a_stack[s].t()) @ b_stack[s].t()
+        return y
+    xs = x.index_select(0, plan.rows)
+    if plan.pad_index is None:  # one slot, some rows without an adapter
+        s = plan.slots[0]
+        d = (xs @ a_stack[s].t()) @ b_stack[s].t()
+    else:
+        n_used, m = len(plan.slots), plan.max_count
+        packed = x.new_zeros(n_used * m, x.shape[1]).index_copy_(0, plan.pad_index, xs)
+        a = a_stack if n_used == a_stack.shape[0] else a_stack.index_select(0, plan.slot_index)
+        b = b_stack if n_used == b_stack.shape[0] else b_stack.index_select(0, plan.slot_index)
+        h = torch.bmm(packed.view(n_used, m, -1), a.transpose(1, 2))
+        d = torch.bmm(h, b.transpose(1, 2)).view(n_used * m, -1).index_select(0, plan.pad_index)
+    y.index_add_(0, plan.rows, d.to(y.dtype))
+    return y

@@ -8,22 +8,25 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 
-from tokenmill.config import CacheConfig, EngineConfig, ModelConfig
+from tokenmill.config import CacheConfig, EngineConfig, ModelConfig, WatermarkConfig
 from tokenmill.engine.core import EngineCore
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers.attention import get_attention_backend
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
-from tokenmill.lora.manager import LoraManager
+from tokenmill.lora.adapter import adapter_location, parse_adapter_specs
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.registry import get_model_class
 from tokenmill.runner.model_runner import ModelRunner
+from tokenmill.runner.watermark import WatermarkBias
+from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenmill.loading")
 
@@ -127,25 +130,27 @@ def num_kv_blocks(lm: LoadedModel, cache: CacheConfig) -> int:
     return blocks
 
 
-def load_adapters(lm: LoadedModel, specs: list[str]) -> LoraManager:
-    """TGI's `--lora-adapters` entries: "name=path" or a path (named after its folder)."""
-    manager = LoraManager(lm.model, lm.device)
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
+def load_startup_adapters(core: EngineCore, runner: ModelRunner, specs: list[str]) -> None:
+    """TGI's `--lora-adapters`: read and register each adapter; any failure is a clear
+    start-up error (ModelLoadError) naming the adapter, the file and the field."""
+    try:
+        entries = parse_adapter_specs(specs)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    for name, where in entries:
         try:
-            manager.load(name.strip(), Path(path.strip()))
-        except ValueError as e:  # AdapterError included: a clear start-up error
-            raise ModelLoadError(f"LoRA adapter {name.strip()!r}: {e}") from e
-        logger.info("LoRA adapter %r loaded from %s", name.strip(), path.strip())
-    return manager
+            core.register_adapter(name, runner.read_adapter(name, str(adapter_location(where))))
+        except ValueError as e:  # AdapterError included
+            raise ModelLoadError(f"LoRA adapter {name!r}: {e}") from e
+        logger.info("LoRA adapter %r loaded from %s", name, where)
 
 
-def build_runner(lm: LoadedModel, cache: CacheConfig) -> ModelRunner:
+def build_runner(lm: LoadedModel, cache: CacheConfig,
+                 watermark: WatermarkConfig | None = None) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
-    runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks,
-                         cache.block_size, lm.dtype)
+    wm = watermark or WatermarkConfig()
+    runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks, cache.block_size,
+                         lm.dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta))
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", blocks,
                 cache.block_size, blocks * cache.block_size,
                 blocks * cache.block_size * kv_bytes_per_token(lm.model, lm.dtype) / 2**30)
@@ -172,7 +177,15 @@ class BuiltCore:
             dtype=str(self.model.dtype).removeprefix("torch."), device=str(self.model.device),
             num_kv_blocks=self.runner.num_blocks, block_size=self.runner.block_size,
             attention_backend=self.model.model.backend.name, pid=os.getpid(),
-            adapters=self.runner.lora.names if self.runner.lora is not None else [])
+            adapters=list(self.core.adapters))
+
+
+def _grammar_tokenizer(lm: LoadedModel) -> tuple[Tokenizer, list[int]]:
+    """The model's tokenizer and EOS ids, for the grammar backend (GGUF: ~2.5 s to rebuild)."""
+    from tokenmill.frontend.llm_engine import eos_token_ids, load_tokenizer
+
+    tok = load_tokenizer(lm.source)
+    return tok, eos_token_ids(lm.generation_config, lm.hf_config, tok)
 
 
 def make_core(config: EngineConfig, runner: Any, num_blocks: int, block_size: int,
@@ -187,15 +200,16 @@ def build_core(config: EngineConfig) -> BuiltCore:
     """Load the model, size the KV cache and assemble the core. Raises ModelLoadError.
 
     The core's runner is wrapped in a `BatchRecorder` so `ipc.collect_stats` can report the
-    size of the last forward pass. No tokenizer is needed: requests arrive tokenized with
-    their EOS ids filled in.
+    size of the last forward pass. No tokenizer is needed to start: requests arrive tokenized
+    with their EOS ids filled in; the grammar backend loads one on its first constrained
+    request.
     """
     lm = load_model(config.model)
-    runner = build_runner(lm, config.cache)
-    if config.model.lora_adapters:
-        runner.lora = load_adapters(lm, config.model.lora_adapters)
+    runner = build_runner(lm, config.cache, config.watermark)
+    runner.grammar = LLGuidanceBackend(partial(_grammar_tokenizer, lm), lm.model.cfg.vocab_size)
     cache_tokens = runner.num_blocks * runner.block_size
     max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,
                   config.model.max_model_len or cache_tokens)
     core = make_core(config, BatchRecorder(runner), runner.num_blocks, runner.block_size, max_len)
+    load_startup_adapters(core, runner, config.model.lora_adapters)
     return BuiltCore(core, lm, runner, max_len)

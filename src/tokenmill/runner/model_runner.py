@@ -9,16 +9,22 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from tokenmill.engine.outputs import RunnerOutput, SchedulerOutput
+from tokenmill.engine.outputs import NewRequestData, RunnerOutput, SchedulerOutput
+from tokenmill.guided.backend import GrammarBackend, GrammarMatcher
+from tokenmill.guided.bitmask import GrammarMasker, apply_bias_
 from tokenmill.layers.attention import AttentionBackend
+from tokenmill.lora.adapter import LoraAdapter
 from tokenmill.lora.manager import LoraManager
 from tokenmill.models.llama import LlamaForCausalLM
-from tokenmill.protocol import SamplingParams
+from tokenmill.protocol import SamplingParams, TokenLogprob
 from tokenmill.runner.sampler import Sampler, SamplingRow
+from tokenmill.runner.watermark import WatermarkBias
 
 logger = logging.getLogger("tokenmill.runner")
 
@@ -32,6 +38,7 @@ class _ReqState:
     stop_token_ids: list[int]
     want_prompt_logprobs: bool
     lora_slot: int = -1  # the request's adapter slot, -1 for the base model
+    matcher: GrammarMatcher | None = None  # constrained decoding: where its grammar stands
 
 
 @dataclass(slots=True)
@@ -45,6 +52,9 @@ class _Batch:
     plp_rows: list[int] = field(default_factory=list)  # rows that score a prompt token
     plp_targets: list[int] = field(default_factory=list)
     plp_spans: list[tuple[str, int]] = field(default_factory=list)
+    # Grammar masks of the constrained sampled rows, computed while the model runs.
+    grammar_job: Future[torch.Tensor] | None = None
+    grammar_rows: torch.Tensor | None = None  # their sampled-row indices; None: all rows
 
 
 def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
@@ -61,7 +71,8 @@ def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
-                 num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> None:
+                 num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 watermark: WatermarkBias | None = None) -> None:
         self.model = model
         self.backend = backend
         self.device = device
@@ -70,12 +81,29 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model.kv_cache_shape(num_blocks, block_size),
                                           kv_dtype, device)
         model.bind_kv_cache(self.kv_cache)
-        self.sampler = Sampler(model.cfg.vocab_size, device)
-        self.lora: LoraManager | None = None  # set when LoRA adapters are loaded
+        self.sampler = Sampler(model.cfg.vocab_size, device, watermark)
+        self.lora = LoraManager(model, device)  # costs nothing until an adapter is added
         self.states: dict[str, _ReqState] = {}
+        # Constrained decoding: set by build_core; nothing is built until a request uses it.
+        self.grammar: GrammarBackend | None = None
+        self._masker: GrammarMasker | None = None
+        self._constrained: set[str] = set()  # ids of running requests with a grammar
+
+    # ---- LoRA adapters (the engine core registers them; the scheduler places them) ----------
+    def read_adapter(self, name: str, path: str) -> LoraAdapter:
+        """Read and check an adapter's files; safe off the engine loop's thread."""
+        return self.lora.read(name, Path(path))
+
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        self.lora.add(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.lora.remove(name)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        for slot, name in so.lora_loads:
+            self.lora.activate(slot, name)
         self._update_states(so)
         out = RunnerOutput()
         if so.is_empty:
@@ -87,11 +115,12 @@ class ModelRunner:
             block_tables=[c.block_ids for c in so.chunks],
             block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
             device=self.device)
-        if self.lora is not None:
+        if self.lora.host:
             self.lora.set_batch([self.states[c.request_id].lora_slot
                                  for c in so.chunks for _ in c.token_ids])
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
+        self._start_grammar_masks(batch)  # on a worker thread, overlapping the forward pass
         hidden = self.model(ids, pos, meta)
         if batch.plp_rows:
             self._prompt_logprobs(hidden, batch, out)
@@ -102,13 +131,15 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in (*so.finished_req_ids, *so.preempted_req_ids):
             self.states.pop(rid, None)
+            self._constrained.discard(rid)
         for nr in so.new_requests:
             self.states[nr.request_id] = _ReqState(
                 prompt=nr.prompt_token_ids, output=list(nr.output_token_ids), params=nr.params,
                 seed=nr.seed, stop_token_ids=nr.stop_token_ids,
                 want_prompt_logprobs=nr.params.prompt_logprobs is not None
                 and not nr.output_token_ids,
-                lora_slot=self.lora.slot_of(nr.adapter_id) if self.lora is not None else -1)
+                lora_slot=nr.lora_slot,
+                matcher=self._new_matcher(nr) if nr.params.grammar is not None else None)
 
     def _prepare_inputs(self, so: SchedulerOutput) -> _Batch:
         b = _Batch()
@@ -130,18 +161,65 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
         logits = self.model.compute_logits(hidden[b.sample_rows]).float()
+        if b.grammar_job is not None and self._masker is not None:
+            # Masked before the sampler, so reported logprobs are of the model's distribution
+            # renormalized over what the grammar allows (vLLM's choice; TGI's are of the fully
+            # processed distribution). Penalties and temperature stay out of them, as elsewhere.
+            apply_bias_(logits, self._masker.bias(b.grammar_job), b.grammar_rows)
         rows = []
         for rid in b.sample_ids:
             st = self.states[rid]
+            # A grammar decides where EOS may come; min_new_tokens does not mask it then.
             rows.append(SamplingRow(params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
                                     output_token_ids=st.output,
-                                    stop_token_ids=st.stop_token_ids))
+                                    stop_token_ids=st.stop_token_ids if st.matcher is None
+                                    else []))
         result = self.sampler.sample(logits, self.sampler.prepare(rows))
         for rid, tok, lp in zip(b.sample_ids, result.token_ids, result.logprobs):
-            self.states[rid].output.append(tok)
+            st = self.states[rid]
+            st.output.append(tok)
             out.sampled[rid] = tok
+            if st.matcher is not None:
+                self._advance_grammar(rid, st.matcher, tok, lp)
             if lp is not None:
                 out.logprobs[rid] = lp
+
+    # ---- constrained decoding ------------------------------------------------------------------
+    def _new_matcher(self, nr: NewRequestData) -> GrammarMatcher:
+        if self.grammar is None or nr.params.grammar is None:
+            raise RuntimeError("a constrained request reached a runner without a grammar backend")
+        m = self.grammar.matcher(nr.params.grammar)
+        self._constrained.add(nr.request_id)
+        # A request resumed after preemption replays what it had generated.
+        if nr.output_token_ids and not m.replay(nr.output_token_ids):
+            logger.warning("request %s: grammar replay failed: %s", nr.request_id, m.error[:500])
+        return m
+
+    def _start_grammar_masks(self, b: _Batch) -> None:
+        """Start computing the masks of this step's constrained rows (none: no work at all)."""
+        if not self._constrained:
+            return
+        rows: list[int] = []
+        matchers: list[GrammarMatcher] = []
+        for j, rid in enumerate(b.sample_ids):
+            m = self.states[rid].matcher
+            if m is not None:
+                rows.append(j)
+                matchers.append(m)
+        if not matchers or self.grammar is None:
+            return
+        if self._masker is None:
+            self._masker = GrammarMasker(self.grammar, self.model.cfg.vocab_size, self.device)
+        b.grammar_job = self._masker.start(matchers)
+        if len(rows) < len(b.sample_ids):
+            b.grammar_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _advance_grammar(rid: str, m: GrammarMatcher, tok: int, lp: TokenLogprob | None) -> None:
+        if not m.consume(tok):  # only a grammar that hit a limit gets here: EOS comes next
+            logger.warning("request %s: grammar error: %s", rid, m.error[:500])
+        if lp is not None and lp.top:
+            lp.top = [(t, v) for t, v in lp.top if v != -math.inf]  # tokens the grammar forbids
 
     def _prompt_logprobs(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
         logits = self.model.compute_logits(hidden[b.plp_rows]).float()

@@ -8,7 +8,8 @@ Order of operations, on float32 logits restricted to the first ``vocab_size`` co
 
 1. logprobs (if asked for) from the RAW logits: ``log_softmax`` before anything below.
 2. repetition penalty (HF/TGI) over prompt and output tokens, then frequency / presence
-   penalties (OpenAI/vLLM) over output tokens, then the ``min_new_tokens`` stop-token mask.
+   penalties (OpenAI/vLLM) over output tokens, then the ``min_new_tokens`` stop-token mask,
+   then the watermark's green-list bias on rows that ask for it (``runner/watermark.py``).
 3. greedy rows (temperature 0): ``argmax``.
 4. sampled rows: temperature, top_k, top_p, typical_p, min_p (HF warper semantics, in that
    order), then the Gumbel-max trick with counter-based noise.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.protocol import SamplingParams, TokenLogprob
+from tokenmill.runner.watermark import WatermarkBias
 
 __all__ = [
     "Sampler",
@@ -133,6 +135,8 @@ class SamplingMetadata:
     add_index: torch.Tensor | None = None  # flat indices for frequency / presence penalties
     add_value: torch.Tensor | None = None  # -(frequency) per occurrence, -(presence) per token
     mask_index: torch.Tensor | None = None  # flat (row, stop id) masked by min_new_tokens
+    watermark_rows: torch.Tensor | None = None  # batch rows with watermark; None: all of them
+    watermark_keys: torch.Tensor | None = None  # [n] int64 hash keys of their previous tokens
     # Sampled rows (temperature > 0).
     num_sampled: int = 0
     sample_rows: torch.Tensor | None = None  # batch rows that sample; None: all rows
@@ -197,12 +201,14 @@ class Sampler:
     #: prompt_logprobs works on this many logits at a time.
     prompt_chunk_elems: int = 1 << 24
 
-    def __init__(self, vocab_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu",
+                 watermark: WatermarkBias | None = None) -> None:
         if vocab_size < 1:
             raise ValueError("vocab_size must be positive")
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._counters = column_counters(vocab_size, self.device)
+        self.watermark = watermark or WatermarkBias()
 
     # ---------------------------------------------------------------- metadata
 
@@ -255,6 +261,14 @@ class Sampler:
             idx = flat_index(ms, [rows[i].stop_token_ids for i in ms])
             if idx.numel():
                 meta.mask_index = idx
+
+        # Watermark: keyed by each row's previous token (the prompt's last one at first).
+        wm = [i for i, r in enumerate(rows) if r.params.watermark]
+        if wm:
+            meta.watermark_rows = _rows_or_all(wm, B, dev)
+            meta.watermark_keys = self.watermark.keys(
+                [(rows[i].output_token_ids or rows[i].prompt_token_ids or [0])[-1] for i in wm],
+                dev)
 
         # Sampled rows and their filters (indices relative to the sampled subset).
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -426,6 +440,8 @@ class Sampler:
         if meta.logprob_counts is not None:
             raw_lp = torch.log_softmax(_take(x, meta.logprob_rows), dim=-1)
         self._penalize(x, meta)
+        if meta.watermark_keys is not None:
+            self.watermark.apply(x, meta.watermark_rows, meta.watermark_keys, self._counters)
         xs = None
         if meta.num_sampled:
             # When every row samples, filter in place: the penalized copy is not needed after.

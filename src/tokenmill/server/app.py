@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 
 from tokenmill import __version__
-from tokenmill.server import routes_openai, routes_service, routes_tgi, schemas
+from tokenmill.server import routes_lora, routes_openai, routes_service, routes_tgi, schemas
 from tokenmill.server.errors import RequestError
 from tokenmill.server.middleware import AuthMiddleware, BodyLimitMiddleware
 from tokenmill.server.responses import request_error_body
@@ -26,7 +26,8 @@ logger = logging.getLogger("tokenmill.server")
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 # Documented in /openapi.json: the routes read their bodies themselves (strict JSON).
 REQUEST_MODELS = (schemas.GenerateRequest, schemas.CompatGenerateRequest,
-                  schemas.ChatCompletionRequest, schemas.CompletionRequest)
+                  schemas.ChatCompletionRequest, schemas.CompletionRequest,
+                  routes_lora.LoadLoraAdapterRequest, routes_lora.UnloadLoraAdapterRequest)
 
 
 def body_doc(model: type) -> dict[str, Any]:
@@ -85,4 +86,5 @@ def create_app(state: ServerState) -> FastAPI:
     routes_service.register(app, state)
     routes_tgi.register(app, state)
     routes_openai.register(app, state)
+    routes_lora.register(app, state)
     return app

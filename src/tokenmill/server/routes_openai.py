@@ -26,6 +26,7 @@ from tokenmill.server.responses import (
     stream_error_body,
     usage_chunk,
 )
+from tokenmill.server.routes_lora import ensure_adapter
 from tokenmill.server.routes_tgi import SSE_HEADERS, engine_failure, sse
 from tokenmill.server.state import (
     ServerState,
@@ -36,6 +37,7 @@ from tokenmill.server.state import (
     record,
     stream_many,
 )
+from tokenmill.server.tools import ToolCallStream, rewrite_completion
 from tokenmill.server.validation import (
     chat_request_to_prompt,
     choice_params,
@@ -64,6 +66,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     engine, limits, metrics = state.require_ready()
     body = await parse_body(request, schemas.ChatCompletionRequest)
     metrics.inc("tgi_request_count")
+    await ensure_adapter(state, body.model)
     model, adapter = _check_model(state, body.model)
     timing = Timing()
     tok = engine.tokenizer
@@ -78,12 +81,16 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
             outs = await _collect(engine, ids, plist, adapter, timing)
         record(state, timing, rid, "/v1/chat/completions", len(ids), outs,
                params.max_new_tokens)
-        return _json(chat_completion(outs, model, created, rid, tok, opts, len(ids),
-                                     system_fingerprint=FINGERPRINT))
+        answer = chat_completion(outs, model, created, rid, tok, opts, len(ids),
+                                 system_fingerprint=FINGERPRINT)
+        return _json(answer if opts.tools is None else rewrite_completion(answer, opts.tools))
 
-    def chunk(i: int, out: RequestOutput, first: bool) -> dict[str, Any]:
-        return chat_chunk(out, model, created, rid, tok, opts, index=i, first=first,
+    calls = None if opts.tools is None else ToolCallStream(opts.tools)
+
+    def chunk(i: int, out: RequestOutput, first: bool) -> dict[str, Any] | list[dict[str, Any]]:
+        body = chat_chunk(out, model, created, rid, tok, opts, index=i, first=first,
                           system_fingerprint=FINGERPRINT)
+        return body if calls is None else calls.feed(body)
 
     usage_obj = "chat.completion.chunk" if opts.include_usage else None
     return _stream(state, engine, ids, plist, timing, rid, "/v1/chat/completions", chunk,
@@ -94,6 +101,7 @@ async def completions(state: ServerState, request: Request) -> Response:
     engine, limits, metrics = state.require_ready()
     body = await parse_body(request, schemas.CompletionRequest)
     metrics.inc("tgi_request_count")
+    await ensure_adapter(state, body.model)
     model, adapter = _check_model(state, body.model)
     timing = Timing()
     tok = engine.tokenizer
@@ -172,7 +180,9 @@ def _stream(state: ServerState, engine: Any, ids: list[int], plist: list[Samplin
         finals: list[RequestOutput] = []
         try:
             async for i, out in stream_many(engine, ids, plist, adapter, timing):
-                yield sse(chunk(i, out, first[i]))
+                bodies = chunk(i, out, first[i])  # a tool stream may hold back or split one
+                for body in bodies if isinstance(bodies, list) else [bodies]:
+                    yield sse(body)
                 first[i] = False
                 if out.finished:
                     finals.append(out)

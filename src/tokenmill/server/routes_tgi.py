@@ -21,6 +21,7 @@ from tokenmill.server.responses import (
     stream_error_body,
     stream_event,
 )
+from tokenmill.server.routes_lora import ensure_adapter
 from tokenmill.server.state import (
     ServerState,
     Timing,
@@ -122,6 +123,10 @@ def generate_sse(state: ServerState, body: schemas.GenerateRequest,
                                       str(engine.info.device).split(":")[0]})
 
 
+def _adapter_id(body: schemas.GenerateRequest) -> str | None:
+    return body.parameters.adapter_id if body.parameters is not None else None
+
+
 def register(app: FastAPI, state: ServerState) -> None:
     from tokenmill.server.app import body_doc, json_response
 
@@ -129,6 +134,7 @@ def register(app: FastAPI, state: ServerState) -> None:
               response_model=schemas.GenerateResponse)
     async def generate(request: Request) -> Response:
         body = await parse_body(request, schemas.GenerateRequest)
+        await ensure_adapter(state, _adapter_id(body))
         result, headers = await generate_json(state, body)
         return json_response(result, headers=headers)
 
@@ -136,6 +142,7 @@ def register(app: FastAPI, state: ServerState) -> None:
               openapi_extra=body_doc(schemas.GenerateRequest))
     async def generate_stream(request: Request) -> Response:
         body = await parse_body(request, schemas.GenerateRequest)
+        await ensure_adapter(state, _adapter_id(body))
         return generate_sse(state, body)
 
     @app.post("/", tags=["tgi"], openapi_extra=body_doc(schemas.CompatGenerateRequest))
@@ -145,6 +152,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     async def _compat(body: Any) -> Response:
         req = schemas.GenerateRequest(inputs=body.inputs, parameters=body.parameters)
+        await ensure_adapter(state, _adapter_id(req))
         if body.stream:
             return generate_sse(state, req, default_full_text=True)
         result, headers = await generate_json(state, req, default_full_text=True)

@@ -126,8 +126,15 @@ class GenerateParameters(BaseModel):
         default=None, description="OpenAI-style frequency penalty, in [-2, 2].", examples=[0.1]
     )
     grammar: dict[str, Any] | None = Field(
-        default=None, description="Constrained decoding: {type: json|regex|json_schema, value}. "
-        "Not supported yet (422).",
+        default=None, description="Constrained decoding: {type: json, value: <JSON Schema "
+        "object or its JSON text>}, {type: json_object} (any JSON object; with a value, an "
+        "alias of json), {type: json_schema, value: {name, schema}}, {type: regex, value: "
+        "<regex the whole output matches>} or {type: lark, value: <llguidance Lark grammar>}. "
+        "Compiled before queuing: an invalid one (or one over 64 KiB) is a 422 with the "
+        "compiler's message. JSON is compact (no whitespace); the answer ends (eos_token) "
+        "when the grammar is complete.",
+        examples=[{"type": "json", "value": {"type": "object", "properties": {
+            "name": {"type": "string"}}, "required": ["name"]}}],
     )
     max_new_tokens: int | None = Field(
         default=None, description="Maximum number of generated tokens (> 0). Default: the room left "
@@ -163,7 +170,9 @@ class GenerateParameters(BaseModel):
         default=None, description="Typical decoding mass, in the open interval (0, 1).", examples=[0.95]
     )
     watermark: bool | None = Field(
-        default=False, description="Kirchenbauer watermarking. Not supported yet (422 when true)."
+        default=False,
+        description="Kirchenbauer watermarking (green-list bias with the server's "
+        "--watermark-gamma / --watermark-delta); `tokenmill watermark detect` checks a text.",
     )
 
 
@@ -432,11 +441,27 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, description="In (0, 1].")
     top_k: int | None = Field(default=None, description="Extension: -1 or 0 = off.")
     min_p: float | None = Field(default=None, description="Extension: in [0, 1].")
-    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported yet.")
-    tool_choice: str | dict[str, Any] | None = None
-    tool_prompt: str | None = Field(default=None, description="TGI extension; unused without tools.")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI function tools, {type: function, function: {name, "
+        "description, parameters (JSON Schema), strict}}; at most 128, unique names. The answer "
+        "is constrained to a valid call (arguments validated against `parameters`).",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="auto (default with tools: a call or text), none, required, "
+        "{type: function, function: {name}} or (TGI) a bare function name.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Default true: `required` may answer with up to 8 calls.",
+    )
+    tool_prompt: str | None = Field(
+        default=None, description="TGI extension: the instruction shown with the tools when the "
+        "chat template does not render them.",
+    )
     response_format: dict[str, Any] | None = Field(
-        default=None, description="Only {type: text} is supported yet."
+        default=None, description="{type: text} (default), {type: json_object}, or {type: "
+        "json_schema, json_schema: {name, schema, strict}} (the schema is always enforced). "
+        "TGI's {type: json|regex|lark|json_schema, value} form is accepted too. An invalid "
+        "schema or grammar is a 422 with the compiler's message.",
     )
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="Extra template variables; only an allow-list of keys is accepted."
@@ -476,6 +501,10 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="Extension (as vLLM): {type: text | json_object | "
+        "json_schema, json_schema: {name, schema}}, or TGI's {type, value} grammar form.",
+    )
     user: str | None = None
 
 
@@ -547,6 +576,9 @@ class ChatCompletionDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="[{index, id, type: function, function: {name, arguments}}]",
+    )
 
 
 class ChatCompletionChunkChoice(BaseModel):

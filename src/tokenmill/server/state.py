@@ -41,6 +41,7 @@ class ServerState:
         self.fatal: str | None = None
         self.exit_code = 0
         self.in_flight = 0
+        self.adapter_loads: dict[str, asyncio.Task[None]] = {}  # LoRA loads in progress
 
     def attach(self, engine: Any) -> None:
         c = self.config

@@ -27,8 +27,13 @@ Policies (documented choices; tests in ``tests/server/test_srv_validation.py``):
   string, or one that tokenizes to nothing, is "`inputs` cannot be empty".
 * **Adapters**: ``adapter_id`` (or a later ``model`` lookup) that is not loaded is a 422 (TGI
   silently falls back to the base model, issue #2505; we refuse).
-* **Not yet supported** features are refused with a 422 rather than ignored: ``grammar``,
-  ``watermark``, ``tools``/``tool_choice``, non-text ``response_format``, ``logit_bias``
+* **Grammars** (TGI's ``grammar``, OpenAI's ``response_format``, see ``server/grammar.py``) are
+  compiled here: one that does not compile, or is over the size cap, is a 422 carrying the
+  compiler's message ("grammar is not valid: ..."), before the request is queued.
+* **Tools** (``tools``, ``tool_choice``, ``parallel_tool_calls``, TGI's ``tool_prompt``): see
+  ``server/tools.py`` (422 ``tool_error`` for malformed tools, duplicate names, a missing named
+  function, over 128 tools, a schema that does not compile, or tools with ``response_format``).
+* **Not yet supported** features are refused with a 422 rather than ignored: ``logit_bias``
   (validated first, so a malformed map gets its own message), completions' ``suffix``, image
   content parts.
 * **Chat templates**: ``chat_template_kwargs`` keys must be in :data:`ALLOWED_CHAT_TEMPLATE_KWARGS`
@@ -61,6 +66,7 @@ from tokenmill.server.errors import (
 )
 from tokenmill.tokenizer.chat_template import ChatTemplateError
 
+from .grammar import response_format_grammar, tgi_grammar
 from .schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -69,6 +75,7 @@ from .schemas import (
     GenerateRequest,
     ImageUrlContentPart,
 )
+from .tools import ToolPlan, render_chat, template_tool_calls, tool_grammar, tool_plan
 
 if TYPE_CHECKING:
     from tokenmill.tokenizer import Tokenizer
@@ -314,10 +321,6 @@ def _tgi_request_checks(req: GenerateRequest, p: GenerateParameters, best_of: in
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}."
             f" Given: {p.truncate}"
         )
-    if p.grammar is not None:
-        raise _invalid("grammar is not supported yet")
-    if p.watermark:
-        raise _invalid("watermark is not supported yet")
     return stop, top_n_tokens, _check_adapter(p.adapter_id, adapters)
 
 
@@ -377,6 +380,8 @@ def validate_generate(
         logprobs=logprobs,
         # TGI's prefill entries carry no alternatives: chosen-token logprobs are enough.
         prompt_logprobs=0 if decoder_input_details else None,
+        watermark=bool(p.watermark),
+        grammar=tgi_grammar(p.grammar),
     )
     opts = GenerateOptions(
         details=details,
@@ -503,6 +508,8 @@ class ChatOptions:
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+    #: The request's tools when its answer is constrained to call them (see server/tools.py).
+    tools: ToolPlan | None = None
 
 
 def _message_text(m: ChatMessage) -> str | None:
@@ -544,7 +551,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         if m.tool_calls:
             if role != "assistant":
                 raise _invalid(f"messages[{i}]: only assistant messages may have `tool_calls`")
-            msg["tool_calls"] = m.tool_calls
+            msg["tool_calls"] = template_tool_calls(i, m.tool_calls)
         out.append(msg)
     return out
 
@@ -580,12 +587,13 @@ def chat_request_to_prompt(
     render is used. An empty final assistant message (no tool calls) is dropped instead, and
     the model starts a fresh reply.
 
-    Raises InputValidationError (messages, roles, kwargs, image parts, tools) and
+    Tools (``tools``, ``tool_choice``) are rendered as ``server/tools.py`` describes.
+
+    Raises InputValidationError (messages, roles, kwargs, image parts), ToolError (tools) and
     TemplateError (the template failed or is missing).
     """
     messages = chat_messages(req)
-    if req.tools:
-        raise _invalid("tools are not supported yet")
+    plan = tool_plan(req)
     kwargs = _template_kwargs(req, allowed_template_kwargs)
     documents = kwargs.pop("documents", None)
     if messages[-1]["role"] == "assistant" and messages[-1]["content"] == "" \
@@ -594,13 +602,15 @@ def chat_request_to_prompt(
         if not messages:
             raise _invalid("`messages` cannot be empty")
     continue_final = messages[-1]["role"] == "assistant"
+
+    def render(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+               add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=add_generation_prompt, tools=tools,
+            documents=documents, **kwargs)
+
     try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=not continue_final,
-            documents=documents,
-            **kwargs,
-        )
+        text = render_chat(render, messages, plan, add_generation_prompt=not continue_final)
     except ChatTemplateError as e:
         raise TemplateError(str(e)) from e
     if continue_final:
@@ -625,12 +635,7 @@ def validate_chat(
     used; the stop sequence is not part of the content."""
     if not req.messages:
         raise _invalid("`messages` cannot be empty")
-    if req.tools:
-        raise _invalid("tools are not supported yet")
-    if req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
-        raise _invalid("tool_choice is not supported yet")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _invalid("response_format is not supported yet")
+    plan = tool_plan(req)
     n = _check_n(req.n, limits)
     want_logprobs = bool(req.logprobs)
     top = 0 if req.top_logprobs is None else req.top_logprobs
@@ -650,6 +655,8 @@ def validate_chat(
         else req.max_tokens
     params.max_new_tokens = check_prompt_length(len(input_ids), requested, limits)
     params.logprobs = top if want_logprobs else None
+    params.grammar = tool_grammar(plan) if plan is not None \
+        else response_format_grammar(req.response_format)
     stream = bool(req.stream)
     opts = ChatOptions(
         n=n,
@@ -658,6 +665,7 @@ def validate_chat(
         stream=stream,
         include_usage=stream and bool(req.stream_options and req.stream_options.include_usage),
         model=req.model or default_model,
+        tools=plan,
     )
     return _finalize(params), opts
 
@@ -743,6 +751,7 @@ def validate_completion(
     )
     # Resolved per prompt by validate_completion_prompt (null: the room left).
     params.max_new_tokens = limits.max_total_tokens if req.max_tokens is None else req.max_tokens
+    params.grammar = response_format_grammar(req.response_format)  # as vLLM accepts it here
     echo = bool(req.echo)
     if lp is not None or best_of > n:
         params.logprobs = lp or 0  # best_of ranking needs the chosen-token logprobs

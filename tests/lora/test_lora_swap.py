@@ -1,0 +1,77 @@
+"""LoRA on the real default model (float32): more adapters than device slots, mixed with the
+base model in one batch, swapped in and out LRU; loading and unloading at run time."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_files import write_adapter
+from tokenmill.protocol import SamplingParams
+
+PROMPTS = ["The capital of France is", "def fib(n):"]
+PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+CONFIGS = {  # different ranks and target modules
+    "qv4": dict(rank=4, targets=("q_proj", "v_proj")),
+    "all8": dict(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj")),
+    "mlp16": dict(rank=16, targets=("gate_proj", "down_proj")),
+    "o2": dict(rank=2, targets=("o_proj",), b_scale=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: write_adapter(root / name, seed=i, **cfg)  # type: ignore[arg-type]
+            for i, (name, cfg) in enumerate(CONFIGS.items())}
+
+
+@pytest.fixture(scope="module")
+def llm(adapter_dirs):
+    from tokenmill.llm import LLM
+
+    return LLM(dtype="float32", max_batch_total_tokens=4096, max_active_adapters=2,
+               lora_adapters=[f"{n}={p}" for n, p in adapter_dirs.items()])
+
+
+def run(eng, rows: list[tuple[int, str | None]]) -> dict[tuple[int, str | None], list[int]]:
+    rids = {eng.add_request(PROMPTS[i], PARAMS, adapter_id=a): (i, a) for i, a in rows}
+    got = {}
+    while eng.has_unfinished:
+        for out in eng.step():
+            if out.finished:
+                got[rids[out.request_id]] = out.token_ids
+    return got
+
+
+def test_mixed_batch_with_swaps_equals_solo_runs(llm) -> None:
+    eng = llm.engine
+    rows = [(i, a) for i in range(len(PROMPTS)) for a in (None, *CONFIGS)]
+    solo = {}
+    for row in rows:
+        solo.update(run(eng, [row]))
+    swaps_before = eng.scheduler.adapters.num_swaps
+    mixed = run(eng, rows)
+    assert mixed == solo
+    assert eng.scheduler.adapters.num_swaps > swaps_before  # 4 adapters through 2 slots
+    outputs = {tuple(v) for (i, _), v in solo.items() if i == 0}
+    assert len(outputs) == 1 + len(CONFIGS)  # every adapter changes the output
+
+
+def test_load_and_unload_at_run_time(llm, adapter_dirs) -> None:
+    eng = llm.engine
+    before = run(eng, [(0, "qv4")])[(0, "qv4")]
+    eng.load_adapter("copy", str(adapter_dirs["qv4"]))
+    assert "copy" in eng.info.adapters
+    assert run(eng, [(0, "copy")])[(0, "copy")] == before
+    with pytest.raises(ValueError, match="already loaded"):
+        eng.load_adapter("copy", str(adapter_dirs["qv4"]))
+    eng.unload_adapter("copy")
+    with pytest.raises(ValueError, match="not loaded"):
+        eng.add_request(PROMPTS[0], PARAMS, adapter_id="copy")
+    # The same name now with other weights: the prefix cache must not serve the old KV.
+    eng.load_adapter("copy", str(adapter_dirs["all8"]))
+    assert run(eng, [(0, "copy")])[(0, "copy")] == run(eng, [(0, "all8")])[(0, "all8")]
+    eng.unload_adapter("copy")
+    with pytest.raises(LookupError):
+        eng.unload_adapter("copy")
