@@ -79,7 +79,8 @@ def test_empty_and_bad_inputs() -> None:
         stack_adapters([], r_max=2)
 
 
-@pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot"])
+@pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot",
+                                  "equal-groups"])
 def test_plan_and_lora_add_match_naive(case: str) -> None:
     from tokenmill.lora.punica import lora_add_, make_plan
 
@@ -91,7 +92,8 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
     n = 13
     slots = {"mixed": [(-1, 0, 2, 2, 1)[i % 5] for i in range(n)],
              "one-slot-all": [1] * n, "one-slot-some": [1 if i % 3 else -1 for i in range(n)],
-             "none": [-1] * n, "every-slot": [i % 3 for i in range(n)]}[case]
+             "none": [-1] * n, "every-slot": [i % 3 for i in range(n)],
+             "equal-groups": [*(i % 3 for i in range(n - 1)), -1]}[case]  # no padding
     x = torch.randn(n, d_in, generator=gen)
     base = torch.randn(n, d_out, generator=gen)
     plan = make_plan(slots, torch.device("cpu"))
@@ -99,6 +101,7 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
         assert plan is None
         return
     assert plan is not None and plan.identity == (case == "one-slot-all")
+    assert (plan.pad is None) == (case in ("one-slot-all", "one-slot-some", "equal-groups"))
     y = base.clone()
     lora_add_(y, x, plan, a_stack, b_scaled)
     want = base + _naive(x, torch.tensor(slots), adapters, d_out)

@@ -123,8 +123,13 @@ class LoraPlan:
     rows: torch.Tensor  # [N] rows that use an adapter, grouped by slot
     slots: list[int]  # the distinct slots in group order
     slot_index: torch.Tensor  # the same, as a device tensor
-    pad_index: torch.Tensor | None  # [N] row of each token in the padded [U * M] buffer
-    max_count: int  # M: the most tokens on one slot
+    # Several slots: the padded [U, M] layout, M the most tokens on one slot. `gather` [U * M]
+    # is the token row of each padded position (a padding position repeats its group's first
+    # row, so no zero buffer is needed) and `pad` [U, M, 1] marks the padding positions, whose
+    # products are zeroed before they are added back (None: no padding).
+    gather: torch.Tensor | None
+    pad: torch.Tensor | None
+    max_count: int  # M
     identity: bool  # rows == arange(T): one slot, every token (no gather or scatter)
     # Triton path only (None: torch path). Each slot's run of `rows` cut into blocks of
     # `token_block`: [n_blocks, 3] int32 = (slot, first index into rows, end of its segment).
@@ -152,10 +157,13 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
     slots = sorted(groups)
     rows = [t for s in slots for t in groups[s]]
     max_count = max(len(g) for g in groups.values())
-    pad = None
+    gather = pad = None
     if len(slots) > 1:
-        pad = torch.tensor([i * max_count + j for i, s in enumerate(slots)
-                            for j in range(len(groups[s]))], dtype=torch.long, device=device)
+        gather = torch.tensor([g[min(j, len(g) - 1)] for g in (groups[s] for s in slots)
+                               for j in range(max_count)], dtype=torch.long, device=device)
+        if any(len(g) < max_count for g in groups.values()):
+            pad = torch.tensor([[j >= len(groups[s])] for s in slots for j in range(max_count)],
+                               dtype=torch.bool, device=device).view(len(slots), max_count, 1)
     blocks = None
     if use_triton(device) if triton is None else triton:
         table, start, tb = [], 0, TRITON_TOKEN_BLOCK
@@ -166,7 +174,7 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
         blocks = torch.tensor(table, dtype=torch.int32, device=device)
     return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), slots=slots,
                     slot_index=torch.tensor(slots, dtype=torch.long, device=device),
-                    pad_index=pad, max_count=max_count,
+                    gather=gather, pad=pad, max_count=max_count,
                     identity=len(slots) == 1 and len(rows) == len(token_slots), blocks=blocks)
 
 
@@ -181,16 +189,19 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
         s = plan.slots[0]
         y += (x @ a_stack[s].t()) @ b_stack[s].t()
         return y
-    xs = x.index_select(0, plan.rows)
-    if plan.pad_index is None:  # one slot, some rows without an adapter
+    if plan.gather is None:  # one slot, some rows without an adapter
         s = plan.slots[0]
-        d = (xs @ a_stack[s].t()) @ b_stack[s].t()
-    else:
-        n_used, m = len(plan.slots), plan.max_count
-        packed = x.new_zeros(n_used * m, x.shape[1]).index_copy_(0, plan.pad_index, xs)
-        a = a_stack if n_used == a_stack.shape[0] else a_stack.index_select(0, plan.slot_index)
-        b = b_stack if n_used == b_stack.shape[0] else b_stack.index_select(0, plan.slot_index)
-        h = torch.bmm(packed.view(n_used, m, -1), a.transpose(1, 2))
-        d = torch.bmm(h, b.transpose(1, 2)).view(n_used * m, -1).index_select(0, plan.pad_index)
-    y.index_add_(0, plan.rows, d.to(y.dtype))
+        d = (x.index_select(0, plan.rows) @ a_stack[s].t()) @ b_stack[s].t()
+        y.index_add_(0, plan.rows, d.to(y.dtype))
+        return y
+    # Several slots: gather into [U, M, in], one bmm per factor, scatter-add back. Few ops
+    # matter more than FLOPs here: this runs for every LoRA linear of every layer.
+    n_used, m = len(plan.slots), plan.max_count
+    a = a_stack if n_used == a_stack.shape[0] else a_stack.index_select(0, plan.slot_index)
+    b = b_stack if n_used == b_stack.shape[0] else b_stack.index_select(0, plan.slot_index)
+    h = torch.bmm(x.index_select(0, plan.gather).view(n_used, m, -1), a.transpose(1, 2))
+    if plan.pad is not None:
+        h.masked_fill_(plan.pad, 0.0)  # padding rows then add exact zeros to their repeated row
+    d = torch.bmm(h, b.transpose(1, 2)).view(n_used * m, -1)
+    y.index_add_(0, plan.gather, d.to(y.dtype))
     return y
