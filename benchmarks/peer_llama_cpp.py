@@ -217,7 +217,7 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     from tokenmill.llm import LLM
     from tokenmill.loader import default_model_path
 
-    llm = LLM(dtype="auto", max_batch_total_tokens=65536)
+    llm = LLM(dtype="auto", max_batch_total_tokens=65536, quantize=args.quantize)
     prompts = ot.make_prompts(llm.tokenizer, args.offline_prompts, args.prompt_tokens)
     ot.bench_tokenmill(llm, prompts[:4], 8)  # warm-up
     r = {"tm_decode": ot.bench_tokenmill_decode(llm, prompts[0], args.output_tokens),
@@ -298,6 +298,8 @@ def main() -> int:
     ap.add_argument("--long-requests", type=int, default=4)
     ap.add_argument("--offline-prompts", type=int, default=64)
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--quantize", default=None, choices=["int4"],
+                    help="tokenmill's --quantize, for the server and the offline run")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server threads (tokenmill: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
@@ -341,7 +343,8 @@ def main() -> int:
             "--hostname", "127.0.0.1", "--port", str(tp),
             "--max-batch-total-tokens", str(n_par * per_slot),
             "--max-concurrent-requests", str(max(128, 2 * n_par)),
-            "--max-batch-size", str(max(256, n_par))], tp, logs),
+            "--max-batch-size", str(max(256, n_par)),
+            *(["--quantize", args.quantize] if args.quantize else [])], tp, logs),
         "llama.cpp": start("llama.cpp", [
             str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(lp),
             "-np", str(n_par), "-c", str(n_par * per_slot), "-t", str(args.threads),
@@ -368,8 +371,9 @@ def main() -> int:
         "",
         f"- machine: {os.cpu_count()} CPUs, {os.uname().machine}; {start_line}; {end_line}",
         f"- model: {gguf.name}; tokenmill dtype {info.get('model_dtype', '?')} "
-        f"(weights dequantized at load), llama-server on the quantized GGUF "
-        f"({version}, -t {args.threads}, -np {n_par})",
+        + (f"with --quantize {args.quantize}, " if args.quantize else
+           "(weights dequantized at load), ")
+        + f"llama-server on the quantized GGUF ({version}, -t {args.threads}, -np {n_par})",
         "- serving: OpenAI /v1/completions, streamed, ignore_eos, exact-length prompts "
         "(tokenizer of the GGUF), closed loop; each server alone on the machine in turn",
         *[f"- serving {title}: " + "; ".join(

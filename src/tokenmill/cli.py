@@ -19,6 +19,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=_env_default("--dtype", str, "auto"),
                    choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=_env_default("--device", str, "auto"))
+    g.add_argument("--quantize", default=_env_default("--quantize", str, None),
+                   choices=["int4"],
+                   help="weight-only quantization at load: int4 (CPU; groups of 32, exact for "
+                        "Q4_0/Q4_1 GGUF weights) speeds up small-batch decode")
     g.add_argument("--max-batch-total-tokens", type=int,
                    default=_env_default("--max-batch-total-tokens", int, None),
                    help="KV cache size in tokens (default: a fraction of free memory)")
@@ -43,6 +47,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(model_id=a.model_id, revision=a.revision, dtype=a.dtype, device=a.device,
+                quantize=a.quantize,
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")

@@ -55,10 +55,14 @@ class ModelConfig:
     seed: int = 0  # base seed for requests that give none
     # LoRA adapters loaded at start: "name=path" or a path (its folder name is the name).
     lora_adapters: list[str] = field(default_factory=list)
+    # Weight-only quantization of the linear layers at load: None (as loaded) or "int4" (CPU).
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.quantize not in (None, "int4"):
+            raise ValueError(f"unknown quantization {self.quantize!r}; available: int4")
 
 
 @dataclass(slots=True)

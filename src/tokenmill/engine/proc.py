@@ -100,7 +100,8 @@ def _set_threads() -> None:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    override = os.environ.get("OMP_NUM_THREADS", "")  # the usual knob, honoured if set
+    torch.set_num_threads(max(1, int(override) if override.isdigit() else n))
 
 
 class EngineProc:

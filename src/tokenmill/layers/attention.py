@@ -28,6 +28,7 @@ class SeqGroup:
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] bool, True = attend
     num_queries: int
+    whole_batch: bool = False  # the rows are exactly 0..T-1 in order (a decode-only step)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class TorchPagedAttention(AttentionBackend):
                                       [context_lens[i] for i in decode],
                                       [block_tables[i] for i in decode], block_size,
                                       sliding_window, device))
+            groups[0].whole_batch = not prefill
         for i in prefill:
             groups.append(self._group([starts[i]], [query_lens[i]], [context_lens[i]],
                                       [block_tables[i]], block_size, sliding_window, device))
@@ -116,9 +118,17 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         _, hk, num_blocks, block_size, d = kv_cache.shape
+        same = kv_cache.dtype == q.dtype  # (a no-op .to() still costs a dispatch per layer)
         for i, new in ((0, k), (1, v)):
             kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
-                1, meta.slot_mapping, new.transpose(0, 1).to(kv_cache.dtype))
+                1, meta.slot_mapping, new.transpose(0, 1) if same
+                else new.transpose(0, 1).to(kv_cache.dtype))
+        if len(meta.groups) == 1 and meta.groups[0].whole_batch:  # decode only: no scatter
+            g = meta.groups[0]
+            kg, vg = _gather(kv_cache[0], g.block_tables), _gather(kv_cache[1], g.block_tables)
+            if not same:
+                kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+            return self._decode(q, kg, vg, g.mask, scale)
         out = torch.empty_like(q)
         for g in meta.groups:
             b, nq = g.token_index.shape
@@ -144,7 +154,7 @@ class TorchPagedAttention(AttentionBackend):
         b, hq, d = q.shape
         hk, _, ctx, _ = k.shape
         g = hq // hk  # query head h uses KV head h // g, as in transformers' repeat_kv
-        qg = q.view(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)
+        qg = q.reshape(b, hk, g, d).transpose(0, 1).reshape(hk * b, g, d)
         scores = torch.bmm(qg, k.view(hk * b, ctx, d).transpose(1, 2)).float() * scale
         scores = scores.view(hk, b, g, ctx).masked_fill_(~mask.view(1, b, 1, ctx), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hk * b, g, ctx)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.quant import QUANT_MAX_ROWS, QuantWeight
+
 if TYPE_CHECKING:
     from tokenmill.lora.manager import LoraLinear
 
@@ -23,6 +25,7 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False)
                      if bias else None)
         self.lora: LoraLinear | None = None  # set by the LoRA manager when adapters load
+        self.quant: QuantWeight | None = None  # set by `quantize_model` (--quantize)
 
     # Ordered (shard name, number of output rows); one shard for a plain layer.
     def shards(self) -> list[tuple[str, int]]:
@@ -42,7 +45,12 @@ class Linear(nn.Module):
         raise KeyError(f"unknown shard {shard!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.quant is not None and x.dim() == 2 and x.shape[0] <= QUANT_MAX_ROWS:
+            y = self.quant.matmul(x)  # few rows: weight bytes dominate, read fewer of them
+            if self.bias is not None:
+                y += self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
             self.lora.add_(x, y)  # in place; nothing when no row of this batch uses an adapter
         return y

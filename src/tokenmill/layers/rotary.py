@@ -46,6 +46,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
         self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Every layer of a step passes the same positions tensor: gather its rows once. The
+        # held reference keeps that tensor alive, so `is` cannot match a recycled object.
+        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Cast once per dtype: the same values transformers gets by casting at every call.
@@ -56,13 +59,26 @@ class RotaryEmbedding(nn.Module):
             cached = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
         return cached
 
+    def _rows(self, positions: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self._step
+        if step is not None and step[0] is positions and step[1] == dtype:
+            return step[2], step[3]
+        cos_t, sin_t = self._tables(dtype)
+        cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)
+        self._step = (positions, dtype, cos, sin)
+        return cos, sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
-        cos_t, sin_t = self._tables(q.dtype)
-        cos = cos_t[positions].unsqueeze(1)
-        sin = sin_t[positions].unsqueeze(1)
+        cos, sin = self._rows(positions, q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One tensor of heads [T, H, D] (q and k side by side: half the calls)."""
+        cos, sin = self._rows(positions, x.dtype)
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -92,14 +92,16 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (hq + hk) * d:].view(t, hk, d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm.plain(q), self.k_norm.plain(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.q_norm.plain(qkv[:, :hq * d].view(t, hq, d))
+            k = self.k_norm.plain(qkv[:, hq * d:(hq + hk) * d].view(t, hk, d))
+            q, k = self.rotary(positions, q, k)
+        else:  # q and k are adjacent columns: rotate them in one go
+            q, k = self.rotary.rotate(positions, qkv[:, :(hq + hk) * d].view(t, hq + hk, d)
+                                      ).split([hq, hk], dim=1)
         o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 

@@ -20,6 +20,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers.attention import get_attention_backend
+from tokenmill.layers.quant import quantize_model
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
 from tokenmill.lora.adapter import adapter_location, parse_adapter_specs
 from tokenmill.models.llama import LlamaForCausalLM
@@ -108,6 +109,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         names = ", ".join(sorted(m.replace("#", ":").rstrip(":") for m in missing)[:5])
         raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights ({names})")
     model.eval()
+    if cfg.quantize is not None:
+        if device.type != "cpu":
+            raise ModelLoadError(f"--quantize {cfg.quantize} runs on the CPU only (for now)")
+        n = quantize_model(model, cfg.quantize, dtype)
+        logger.info("%s weight-only quantization: %d linear layers", cfg.quantize, n)
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
                 type(model).__name__, device, str(dtype).removeprefix("torch."),
                 time.perf_counter() - t0)
