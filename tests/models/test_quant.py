@@ -11,7 +11,7 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.layers import linear as linear_mod
 from tokenmill.layers.attention import TorchPagedAttention
-from tokenmill.layers.quant import QUANT_MAX_ROWS, Int4Weight, Int8Weight, quantize_model
+from tokenmill.layers.quant import QUANT_MAX_ROWS, Int4ResidualWeight, Int4Weight, quantize_model
 from tokenmill.loader import ModelLoadError
 from tokenmill.runner.loading import load_model
 
@@ -29,22 +29,23 @@ def q4_1_weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 def test_q4_1_blocks_requantize_exactly() -> None:
     gen = torch.Generator().manual_seed(0)
     w = q4_1_weight(64, 96, gen)
-    qw = Int4Weight(w, torch.float32)
-    torch.testing.assert_close(qw.dequantize(torch.float32), w, atol=1e-6, rtol=0)
+    qw, reference = Int4Weight.quantize(w, torch.float32)
+    torch.testing.assert_close(reference, w, atol=1e-6, rtol=0)
+    x = torch.randn(3, 96, generator=gen)
+    torch.testing.assert_close(qw.matmul(x), x @ w.t(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", [Int4Weight, Int8Weight])
+@pytest.mark.parametrize("kind", [Int4Weight, Int4ResidualWeight])
 def test_kernel_equals_its_dequantized_reference(kind: type, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(48, 128, generator=gen)
-    w[3, :32] = 0.25  # a constant int4 group, and a zero int8 row
+    w[3, :32] = 0.25  # a constant int4 group, and a zero row
     w[5] = 0.0
-    qw = kind(w, dtype)
-    ref = qw.dequantize(dtype).float()
+    qw, ref = kind.quantize(w, dtype)
     # The quantization error itself is bounded (4 bits: under 1/30 of a group's range).
     err = (ref - w).abs().max().item()
-    assert 0 < err < (0.3 if kind is Int4Weight else 0.03)
+    assert 0 < err < (0.3 if kind is Int4Weight else 0.03)  # 4 bits / about 8 bits
     assert torch.equal(ref[5], torch.zeros(128))
     if kind is Int4Weight and dtype == torch.float32:
         torch.testing.assert_close(ref[3, :32], w[3, :32])
@@ -56,7 +57,7 @@ def test_kernel_equals_its_dequantized_reference(kind: type, dtype: torch.dtype)
 
 def test_shapes_the_kernel_cannot_take_are_refused() -> None:
     with pytest.raises(ValueError, match="in_features % 32"):
-        Int4Weight(torch.randn(32, 40), torch.float32)
+        Int4Weight.quantize(torch.randn(32, 40), torch.float32)
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_model(torch.nn.Linear(2, 2), "fp3", torch.float32)
     with pytest.raises(ValueError, match="unknown quantization"):
@@ -75,7 +76,7 @@ def test_tiny_model_quantized_paths_equal_dequantized_reference(
     model = lm.model
     linears = [m for m in model.modules() if isinstance(m, linear_mod.Linear)]
     assert linears and all(m.quant is not None for m in linears)
-    assert isinstance(model.lm_head.quant, Int8Weight)
+    assert isinstance(model.lm_head.quant, Int4ResidualWeight)
     # The weights really changed (to their dequantized int4 values), not by much.
     w0, w1 = plain.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight
     assert 0 < (w0 - w1).abs().max() < 0.05

@@ -29,6 +29,8 @@ class SeqGroup:
     mask: torch.Tensor  # [B, 1, Q, max_blocks * block_size] bool, True = attend
     num_queries: int
     whole_batch: bool = False  # the rows are exactly 0..T-1 in order (a decode-only step)
+    # One sequence: the key positions it attends to, [start, end) (no mask needed).
+    key_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -112,8 +114,11 @@ class TorchPagedAttention(AttentionBackend):
         mask = kpos <= qpos[:, :, None]
         if window is not None:
             mask &= kpos > qpos[:, :, None] - window
+        key_range = None
+        if len(ctxs) == 1:
+            key_range = (0 if window is None else max(0, ctxs[0] - window), ctxs[0])
         return SeqGroup(token_index=index.to(device), block_tables=table.to(device),
-                        mask=mask[:, None].to(device), num_queries=nq)
+                        mask=mask[:, None].to(device), num_queries=nq, key_range=key_range)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -126,6 +131,8 @@ class TorchPagedAttention(AttentionBackend):
         if len(meta.groups) == 1 and meta.groups[0].whole_batch:  # decode only: no scatter
             g = meta.groups[0]
             kg, vg = _gather(kv_cache[0], g.block_tables), _gather(kv_cache[1], g.block_tables)
+            if g.key_range is not None and q.device.type == "cpu":
+                return self._decode_one(q, kg, vg, g.key_range, scale)
             if not same:
                 kg, vg = kg.to(q.dtype), vg.to(q.dtype)
             return self._decode(q, kg, vg, g.mask, scale)
@@ -144,6 +151,20 @@ class TorchPagedAttention(AttentionBackend):
                                                enable_gqa=hk != qg.shape[1])
             out[rows] = o.transpose(1, 2).reshape(b * nq, -1, d)
         return out
+
+    @staticmethod
+    def _decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_range: tuple[int, int], scale: float) -> torch.Tensor:
+        """A single decoding sequence (CPU): its keys are a contiguous range, so no mask, and
+        the math runs in float32, where CPU SDPA takes ~25 us against ~85 us for bfloat16's
+        small batched matmuls (SmolLM2, 150 keys, 2 threads)."""
+        hq, d = q.shape[1], q.shape[2]
+        a, b = key_range
+        kf = k[:, 0, a:b].float().unsqueeze(0)  # [1, Hk, ctx, D]
+        vf = v[:, 0, a:b].float().unsqueeze(0)
+        o = F.scaled_dot_product_attention(q.float().view(1, hq, 1, d), kf, vf, scale=scale,
+                                           enable_gqa=kf.shape[1] != hq)
+        return o.view(1, hq, d).to(q.dtype)
 
     @staticmethod
     def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -112,6 +112,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.quantize is not None:
         if device.type != "cpu":
             raise ModelLoadError(f"--quantize {cfg.quantize} runs on the CPU only (for now)")
+        if dtype != torch.bfloat16:
+            logger.warning("--quantize %s: aten's int4 kernel is fast with bfloat16 activations "
+                           "only; with %s it is correct but slow", cfg.quantize, dtype)
         n = quantize_model(model, cfg.quantize, dtype)
         logger.info("%s weight-only quantization: %d linear layers", cfg.quantize, n)
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
