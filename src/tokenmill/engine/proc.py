@@ -19,6 +19,7 @@ No tokenizer is loaded here: requests arrive tokenized with their EOS ids filled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -93,9 +94,27 @@ def _watch_parent(parent_pid: int, socket_dir: str | None) -> None:
             os._exit(1)
 
 
+ENGINE_CPUS_ENV = "TOKENMILL_ENGINE_CPUS"  # set by the server: the cores the engine runs on
+
+
+def split_cores(cores: set[int]) -> tuple[set[int], set[int]]:
+    """(API process cores, engine cores). With 4 or more cores the API process (HTTP, JSON,
+    tokenization, detokenization) gets cores of its own, so it never preempts a thread of the
+    engine's parallel matmuls: one core per 8, at least one. With fewer both share all."""
+    if len(cores) < 4:
+        return set(cores), set(cores)
+    ordered = sorted(cores)
+    n_api = max(1, len(ordered) // 8)
+    return set(ordered[-n_api:]), set(ordered[:-n_api])
+
+
 def _set_threads() -> None:
     import torch
 
+    wanted = os.environ.get(ENGINE_CPUS_ENV, "")
+    if wanted:
+        with contextlib.suppress(ValueError, OSError):
+            os.sched_setaffinity(0, {int(c) for c in wanted.split(",")})
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

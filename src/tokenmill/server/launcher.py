@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -48,6 +49,7 @@ async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
         else:
             from tokenmill.frontend.mp_client import MPAsyncLLM
 
+            _pin_api_process()
             engine = await MPAsyncLLM.start(engine_cfg)
     except Exception as e:  # the model could not load: nothing to serve
         logger.error("engine failed to start: %s", e)
@@ -67,6 +69,23 @@ async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
     logger.info("ready: %s on %s (%s), max_total_tokens=%d",
                 engine.info.model_id, engine.info.device, engine.info.dtype,
                 state.limits.max_total_tokens if state.limits else -1)
+
+
+def _pin_api_process() -> None:
+    """Keep this process off the engine's cores (on machines with 4 or more); the engine
+    process, started next, reads its share from the environment."""
+    from tokenmill.engine.proc import ENGINE_CPUS_ENV, split_cores
+
+    try:
+        cores = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return
+    api, engine = split_cores(cores)
+    if api == engine:
+        return
+    os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine)))
+    os.sched_setaffinity(0, api)
+    logger.info("cores: API process %s, engine %s", sorted(api), sorted(engine))
 
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
