@@ -123,6 +123,9 @@ class LoraPlan:
     rows: torch.Tensor  # [N] rows that use an adapter, grouped by slot
     slots: list[int]  # the distinct slots in group order
     slot_index: torch.Tensor  # the same, as a device tensor
+    # The slots are lo..hi-1 with none missing: the stacks are sliced (a view), not gathered.
+    # Gathering copies every used adapter's weights each step, as many bytes as the bmm reads.
+    slot_range: tuple[int, int] | None
     # Several slots: the padded [U, M] layout, M the most tokens on one slot. `gather` [U * M]
     # is the token row of each padded position (a padding position repeats its group's first
     # row, so no zero buffer is needed) and `pad` [U, M, 1] marks the padding positions, whose
@@ -174,6 +177,8 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
         blocks = torch.tensor(table, dtype=torch.int32, device=device)
     return LoraPlan(rows=torch.tensor(rows, dtype=torch.long, device=device), slots=slots,
                     slot_index=torch.tensor(slots, dtype=torch.long, device=device),
+                    slot_range=((slots[0], slots[-1] + 1)
+                                if slots[-1] - slots[0] + 1 == len(slots) else None),
                     gather=gather, pad=pad, max_count=max_count,
                     identity=len(slots) == 1 and len(rows) == len(token_slots), blocks=blocks)
 
@@ -197,8 +202,11 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
     # Several slots: gather into [U, M, in], one bmm per factor, scatter-add back. Few ops
     # matter more than FLOPs here: this runs for every LoRA linear of every layer.
     n_used, m = len(plan.slots), plan.max_count
-    a = a_stack if n_used == a_stack.shape[0] else a_stack.index_select(0, plan.slot_index)
-    b = b_stack if n_used == b_stack.shape[0] else b_stack.index_select(0, plan.slot_index)
+    if plan.slot_range is not None:
+        lo, hi = plan.slot_range
+        a, b = a_stack[lo:hi], b_stack[lo:hi]
+    else:
+        a, b = a_stack.index_select(0, plan.slot_index), b_stack.index_select(0, plan.slot_index)
     h = torch.bmm(x.index_select(0, plan.gather).view(n_used, m, -1), a.transpose(1, 2))
     if plan.pad is not None:
         h.masked_fill_(plan.pad, 0.0)  # padding rows then add exact zeros to their repeated row
