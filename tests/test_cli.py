@@ -37,3 +37,16 @@ def test_hostname_env_only_when_an_address(monkeypatch: pytest.MonkeyPatch) -> N
 def test_launch_alias_and_legacy_input_length() -> None:
     a = build_parser().parse_args(["launch", "--max-input-length", "100"])
     assert a.max_input_length == 100
+
+
+def test_quantize_flag_reaches_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.cli import _engine_kwargs
+    from tokenmill.config import EngineConfig
+
+    assert EngineConfig.from_kwargs(**_engine_kwargs(parse())).model.quantize is None
+    cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--quantize", "int4")))
+    assert cfg.model.quantize == "int4"
+    monkeypatch.setenv("QUANTIZE", "int4")
+    assert parse().quantize == "int4"
+    with pytest.raises(SystemExit):
+        parse("--quantize", "fp8")
