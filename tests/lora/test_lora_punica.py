@@ -80,7 +80,7 @@ def test_empty_and_bad_inputs() -> None:
 
 
 @pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot",
-                                  "equal-groups"])
+                                  "equal-groups", "grouped"])
 def test_plan_and_lora_add_match_naive(case: str) -> None:
     from tokenmill.lora.punica import lora_add_, make_plan
 
@@ -93,7 +93,8 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
     slots = {"mixed": [(-1, 0, 2, 2, 1)[i % 5] for i in range(n)],
              "one-slot-all": [1] * n, "one-slot-some": [1 if i % 3 else -1 for i in range(n)],
              "none": [-1] * n, "every-slot": [i % 3 for i in range(n)],
-             "equal-groups": [*(i % 3 for i in range(n - 1)), -1]}[case]  # no padding
+             "equal-groups": [*(i % 3 for i in range(n - 1)), -1],  # no padding
+             "grouped": [-1] * 4 + [0] * 3 + [1] * 3 + [2] * 3}[case]  # rows sorted by slot
     x = torch.randn(n, d_in, generator=gen)
     base = torch.randn(n, d_out, generator=gen)
     plan = make_plan(slots, torch.device("cpu"))
@@ -101,7 +102,9 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
         assert plan is None
         return
     assert plan is not None and plan.identity == (case == "one-slot-all")
-    assert (plan.pad is None) == (case in ("one-slot-all", "one-slot-some", "equal-groups"))
+    assert (plan.pad is None) == (case in ("one-slot-all", "one-slot-some", "equal-groups",
+                                           "grouped"))
+    assert (plan.first_row is not None) == (case == "grouped")  # views, no gather
     y = base.clone()
     lora_add_(y, x, plan, a_stack, b_scaled)
     want = base + _naive(x, torch.tensor(slots), adapters, d_out)

@@ -126,6 +126,9 @@ class LoraPlan:
     # The slots are lo..hi-1 with none missing: the stacks are sliced (a view), not gathered.
     # Gathering copies every used adapter's weights each step, as many bytes as the bmm reads.
     slot_range: tuple[int, int] | None
+    # Every used slot has M rows and the rows are first..first+U*M-1, grouped by slot (the
+    # runner orders rows by slot): x and y are viewed as [U, M, .], nothing is gathered.
+    first_row: int | None
     # Several slots: the padded [U, M] layout, M the most tokens on one slot. `gather` [U * M]
     # is the token row of each padded position (a padding position repeats its group's first
     # row, so no zero buffer is needed) and `pad` [U, M, 1] marks the padding positions, whose
@@ -160,6 +163,10 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
     slots = sorted(groups)
     rows = [t for s in slots for t in groups[s]]
     max_count = max(len(g) for g in groups.values())
+    first_row = None
+    if (len(slots) > 1 and all(len(g) == max_count for g in groups.values())
+            and rows == list(range(rows[0], rows[0] + len(rows)))):
+        first_row = rows[0]
     gather = pad = None
     if len(slots) > 1:
         gather = torch.tensor([g[min(j, len(g) - 1)] for g in (groups[s] for s in slots)
@@ -179,6 +186,7 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
                     slot_index=torch.tensor(slots, dtype=torch.long, device=device),
                     slot_range=((slots[0], slots[-1] + 1)
                                 if slots[-1] - slots[0] + 1 == len(slots) else None),
+                    first_row=first_row,
                     gather=gather, pad=pad, max_count=max_count,
                     identity=len(slots) == 1 and len(rows) == len(token_slots), blocks=blocks)
 
@@ -207,6 +215,11 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
         a, b = a_stack[lo:hi], b_stack[lo:hi]
     else:
         a, b = a_stack.index_select(0, plan.slot_index), b_stack.index_select(0, plan.slot_index)
+    if plan.first_row is not None:
+        r0, r1 = plan.first_row, plan.first_row + n_used * m
+        h = torch.bmm(x[r0:r1].reshape(n_used, m, -1), a.transpose(1, 2))
+        y[r0:r1].view(n_used, m, -1).add_(torch.bmm(h, b.transpose(1, 2)))
+        return y
     h = torch.bmm(x.index_select(0, plan.gather).view(n_used, m, -1), a.transpose(1, 2))
     if plan.pad is not None:
         h.masked_fill_(plan.pad, 0.0)  # padding rows then add exact zeros to their repeated row

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.engine.outputs import NewRequestData, RunnerOutput, SchedulerOutput
+from tokenmill.engine.outputs import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tokenmill.guided.backend import GrammarBackend, GrammarMatcher
 from tokenmill.guided.bitmask import GrammarMasker, apply_bias_
 from tokenmill.layers.attention import AttentionBackend
@@ -108,16 +108,21 @@ class ModelRunner:
         out = RunnerOutput()
         if so.is_empty:
             return out
-        batch = self._prepare_inputs(so)
+        chunks = so.chunks
+        if self.lora.host and len(chunks) > 1:
+            # Rows of one adapter side by side: equal runs then need no gather or scatter in
+            # the LoRA matmuls (`make_plan`). Rows are independent, so order changes nothing.
+            chunks = sorted(chunks, key=lambda c: self.states[c.request_id].lora_slot)
+        batch = self._prepare_inputs(chunks)
         meta = self.backend.build_metadata(
-            query_lens=[len(c.token_ids) for c in so.chunks],
-            context_lens=[c.start + len(c.token_ids) for c in so.chunks],
-            block_tables=[c.block_ids for c in so.chunks],
+            query_lens=[len(c.token_ids) for c in chunks],
+            context_lens=[c.start + len(c.token_ids) for c in chunks],
+            block_tables=[c.block_ids for c in chunks],
             block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
             device=self.device)
         if self.lora.host:
             self.lora.set_batch([self.states[c.request_id].lora_slot
-                                 for c in so.chunks for _ in c.token_ids])
+                                 for c in chunks for _ in c.token_ids])
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         self._start_grammar_masks(batch)  # on a worker thread, overlapping the forward pass
@@ -141,9 +146,9 @@ class ModelRunner:
                 lora_slot=nr.lora_slot,
                 matcher=self._new_matcher(nr) if nr.params.grammar is not None else None)
 
-    def _prepare_inputs(self, so: SchedulerOutput) -> _Batch:
+    def _prepare_inputs(self, chunks: list[ScheduledChunk]) -> _Batch:
         b = _Batch()
-        for chunk in so.chunks:
+        for chunk in chunks:
             base, n = len(b.input_ids), len(chunk.token_ids)
             b.input_ids.extend(chunk.token_ids)
             b.positions.extend(range(chunk.start, chunk.start + n))
