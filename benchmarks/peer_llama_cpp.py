@@ -36,6 +36,7 @@ from tokenmill.bench.client import ClientConfig
 from tokenmill.bench.metrics import LevelSummary
 from tokenmill.bench.runner import ServerRun, run_server
 from tokenmill.bench.workload import LengthDist, Workload, load_tokenizer
+from tokenmill.config import QUANTIZE_METHODS
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON",
@@ -298,7 +299,7 @@ def main() -> int:
     ap.add_argument("--long-requests", type=int, default=4)
     ap.add_argument("--offline-prompts", type=int, default=64)
     ap.add_argument("--skip-offline", action="store_true")
-    ap.add_argument("--quantize", default=None, choices=["int4"],
+    ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_METHODS),
                     help="tokenmill's --quantize, for the server and the offline run")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server threads (tokenmill: torch's default)")

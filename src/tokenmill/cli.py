@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from tokenmill.bench.cli import add_bench_parser
+from tokenmill.config import QUANTIZE_METHODS
 from tokenmill.watermark.cli import add_watermark_parser
 
 
@@ -20,7 +21,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=_env_default("--device", str, "auto"))
     g.add_argument("--quantize", default=_env_default("--quantize", str, None),
-                   choices=["int4"],
+                   choices=list(QUANTIZE_METHODS),
                    help="weight-only quantization at load: int4 (CPU; groups of 32, exact for "
                         "Q4_0/Q4_1 GGUF weights) speeds up small-batch decode")
     g.add_argument("--max-batch-total-tokens", type=int,

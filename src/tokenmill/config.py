@@ -44,6 +44,9 @@ class SchedulerConfig:
             raise ValueError("max_active_adapters must be at least 1")
 
 
+QUANTIZE_METHODS = ("int4",)  # --quantize values (layers/quant.py implements them)
+
+
 @dataclass(slots=True)
 class ModelConfig:
     model_id: str | None = None  # None: the embedded default model
@@ -61,8 +64,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
-        if self.quantize not in (None, "int4"):
-            raise ValueError(f"unknown quantization {self.quantize!r}; available: int4")
+        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+            raise ValueError(f"unknown quantization {self.quantize!r}; "
+                             f"available: {', '.join(QUANTIZE_METHODS)}")
 
 
 @dataclass(slots=True)

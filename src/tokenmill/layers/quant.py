@@ -11,7 +11,7 @@
   8 bits (SmolLM2's is Q8_0). aten's int8 kernel (`_weight_int8pack_mm`) is slower than two
   int4 passes.
 
-Decode steps (few rows) read 4x (the head 2x) fewer weight bytes than bfloat16 and run faster
+Decode steps (few rows) read 4x (the head 2x) fewer weight bytes than bfloat16 and run
 faster; at many rows the bfloat16 matmul wins (shared/notes/ecosystem.md §5), so the layer keeps
 a full-precision weight and `Linear.forward` picks by row count (`QUANT_MAX_ROWS`). That weight
 is overwritten with the dequantized one, so prefill and decode use the same weights and the
@@ -23,11 +23,12 @@ import abc
 
 import torch
 
+from tokenmill.config import QUANTIZE_METHODS
+
 GROUP_SIZE = 32
 # Rows up to which the packed kernels beat the bfloat16 matmul (SmolLM2's shapes, 2 threads:
 # int4 is ~2-2.7x faster at 1 row, ~1.5x at 4, 0.6-0.8x at 16).
 QUANT_MAX_ROWS = 8
-QUANTIZE_METHODS = ("int4",)
 
 
 class QuantWeight(abc.ABC):

@@ -129,10 +129,10 @@ class LoraPlan:
     # Every used slot has M rows and the rows are first..first+U*M-1, grouped by slot (the
     # runner orders rows by slot): x and y are viewed as [U, M, .], nothing is gathered.
     first_row: int | None
-    # Several slots: the padded [U, M] layout, M the most tokens on one slot. `gather` [U * M]
-    # is the token row of each padded position (a padding position repeats its group's first
-    # row, so no zero buffer is needed) and `pad` [U, M, 1] marks the padding positions, whose
-    # products are zeroed before they are added back (None: no padding).
+    # Several slots otherwise: the padded [U, M] layout, M the most tokens on one slot. `gather`
+    # [U * M] is the token row of each padded position (a padding position repeats its group's
+    # first row, so no zero buffer is needed) and `pad` [U, M, 1] marks the padding positions,
+    # whose products are zeroed before they are added back (None: no padding).
     gather: torch.Tensor | None
     pad: torch.Tensor | None
     max_count: int  # M
@@ -168,7 +168,7 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
             and rows == list(range(rows[0], rows[0] + len(rows)))):
         first_row = rows[0]
     gather = pad = None
-    if len(slots) > 1:
+    if len(slots) > 1 and first_row is None:
         gather = torch.tensor([g[min(j, len(g) - 1)] for g in (groups[s] for s in slots)
                                for j in range(max_count)], dtype=torch.long, device=device)
         if any(len(g) < max_count for g in groups.values()):
@@ -202,7 +202,7 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
         s = plan.slots[0]
         y += (x @ a_stack[s].t()) @ b_stack[s].t()
         return y
-    if plan.gather is None:  # one slot, some rows without an adapter
+    if len(plan.slots) == 1:  # one slot, some rows without an adapter
         s = plan.slots[0]
         d = (x.index_select(0, plan.rows) @ a_stack[s].t()) @ b_stack[s].t()
         y.index_add_(0, plan.rows, d.to(y.dtype))
@@ -220,6 +220,7 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
         h = torch.bmm(x[r0:r1].reshape(n_used, m, -1), a.transpose(1, 2))
         y[r0:r1].view(n_used, m, -1).add_(torch.bmm(h, b.transpose(1, 2)))
         return y
+    assert plan.gather is not None
     h = torch.bmm(x.index_select(0, plan.gather).view(n_used, m, -1), a.transpose(1, 2))
     if plan.pad is not None:
         h.masked_fill_(plan.pad, 0.0)  # padding rows then add exact zeros to their repeated row
