@@ -80,7 +80,7 @@ def test_empty_and_bad_inputs() -> None:
 
 
 @pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot",
-                                  "equal-groups", "grouped"])
+                                  "equal-groups", "grouped", "gapped"])
 def test_plan_and_lora_add_match_naive(case: str) -> None:
     from tokenmill.lora.punica import lora_add_, make_plan
 
@@ -94,7 +94,8 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
              "one-slot-all": [1] * n, "one-slot-some": [1 if i % 3 else -1 for i in range(n)],
              "none": [-1] * n, "every-slot": [i % 3 for i in range(n)],
              "equal-groups": [*(i % 3 for i in range(n - 1)), -1],  # no padding
-             "grouped": [-1] * 4 + [0] * 3 + [1] * 3 + [2] * 3}[case]  # rows sorted by slot
+             "grouped": [-1] * 4 + [0] * 3 + [1] * 3 + [2] * 3,  # rows sorted by slot
+             "gapped": [0 if i % 2 else 2 for i in range(n)]}[case]  # slots 0 and 2: gathered
     x = torch.randn(n, d_in, generator=gen)
     base = torch.randn(n, d_out, generator=gen)
     plan = make_plan(slots, torch.device("cpu"))
@@ -105,6 +106,7 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
     assert (plan.pad is None) == (case in ("one-slot-all", "one-slot-some", "equal-groups",
                                            "grouped"))
     assert (plan.first_row is not None) == (case == "grouped")  # views, no gather
+    assert (plan.slot_range is None) == (case == "gapped")
     y = base.clone()
     lora_add_(y, x, plan, a_stack, b_scaled)
     want = base + _naive(x, torch.tensor(slots), adapters, d_out)
