@@ -79,10 +79,17 @@ def test_empty_and_bad_inputs() -> None:
         stack_adapters([], r_max=2)
 
 
+@pytest.mark.parametrize("path", ["torch", "cpu-kernel"])
 @pytest.mark.parametrize("case", ["mixed", "one-slot-all", "one-slot-some", "none", "every-slot",
                                   "equal-groups", "grouped", "gapped"])
-def test_plan_and_lora_add_match_naive(case: str) -> None:
+def test_plan_and_lora_add_match_naive(case: str, path: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.kernels.cpu import cpu_kernels
     from tokenmill.lora.punica import lora_add_, make_plan
+
+    kernel = cpu_kernels()
+    if path == "cpu-kernel" and kernel is None:
+        pytest.skip("no C++ compiler: the native CPU kernels are not built")
 
     gen = torch.Generator().manual_seed(3)
     d_in, d_out, ranks = 32, 24, [4, 8, 8]
@@ -98,7 +105,13 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
              "gapped": [0 if i % 2 else 2 for i in range(n)]}[case]  # slots 0 and 2: gathered
     x = torch.randn(n, d_in, generator=gen)
     base = torch.randn(n, d_out, generator=gen)
-    plan = make_plan(slots, torch.device("cpu"))
+    plan = make_plan(slots, torch.device("cpu"), cpu=path == "cpu-kernel")
+    if path == "cpu-kernel":  # B stored as [S, R, out], the layout the kernel reads
+        b_scaled = b_scaled.transpose(1, 2).contiguous().transpose(1, 2)
+        calls: list[int] = []
+        assert kernel is not None
+        monkeypatch.setattr(kernel, "lora_sgmv",
+                            lambda *a, f=kernel.lora_sgmv: calls.append(1) or f(*a))
     if case == "none":
         assert plan is None
         return
@@ -111,3 +124,6 @@ def test_plan_and_lora_add_match_naive(case: str) -> None:
     lora_add_(y, x, plan, a_stack, b_scaled)
     want = base + _naive(x, torch.tensor(slots), adapters, d_out)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert (plan.cpu_meta is not None) == (path == "cpu-kernel")
+    if path == "cpu-kernel":
+        assert calls == [1]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.kernels.cpu import lora_chunks
 from tokenmill.layers.linear import Linear
 from tokenmill.lora.adapter import LoraAdapter, load_peft_adapter
 from tokenmill.lora.punica import LoraPlan, lora_add_, make_plan
@@ -44,18 +45,22 @@ class LoraLinear:
         self.shards = shards
         self.fan_in = fan_in
         self.a: torch.Tensor | None = None  # [S, n_shards * rank, in]
-        self.b: torch.Tensor | None = None  # [S, out, n_shards * rank]
+        # [S, out, n_shards * rank], stored as [S, n_shards * rank, out] (a transposed view):
+        # the CPU kernel streams B's rank rows and the torch path's bmm takes it contiguous.
+        self.b: torch.Tensor | None = None
+        self.chunks: torch.Tensor | None = None  # the CPU kernel's column blocks
 
     def add_(self, x: torch.Tensor, y: torch.Tensor) -> None:
         plan = self.batch.plan
         if plan is not None and self.a is not None and self.b is not None:
-            lora_add_(y, x, plan, self.a, self.b)
+            lora_add_(y, x, plan, self.a, self.b, self.chunks)
 
     def resize(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """(Re)allocate for `num_slots` slots of rank `rank`, keeping what is there."""
         n, out = len(self.shards), sum(rows for _, rows in self.shards)
         a = torch.zeros(num_slots, n * rank, self.fan_in, dtype=dtype, device=device)
-        b = torch.zeros(num_slots, out, n * rank, dtype=dtype, device=device)
+        b = torch.zeros(num_slots, n * rank, out, dtype=dtype, device=device).transpose(1, 2)
+        self.chunks = lora_chunks([rows for _, rows in self.shards], n * rank)
         if self.a is not None and self.b is not None:
             s0, r0 = self.a.shape[0], self.a.shape[1] // n
             for j in range(n):

@@ -1,0 +1,1 @@
+"""Native kernels tokenmill builds itself: `cpu.py` compiles csrc/ on first use."""

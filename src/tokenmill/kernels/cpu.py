@@ -1,0 +1,173 @@
+"""Native CPU kernels: C++ in `csrc/`, compiled on first use with the system compiler
+(`g++ -O3 -march=native -fopenmp`) and called through ctypes with raw pointers.
+
+No torch headers are involved, so a build takes about a second; the library is cached under
+`~/.cache/tokenmill/kernels/<key>/` (or `$TOKENMILL_KERNEL_CACHE`), keyed by the source, the
+compiler, the flags and the CPU's feature flags, since `-march=native` code may not run on
+another CPU. The OpenMP runtime is the one torch already loaded (same soname, libgomp.so.1), so
+the kernels share torch's thread pool instead of starting a second one.
+
+Every caller keeps a torch fallback: without a compiler, after a failed build, or with
+`TOKENMILL_CPU_KERNELS=0`, `cpu_kernels()` returns None."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+ABI_VERSION = 1
+BUILD_TIMEOUT_S = 180
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P,
+              ctypes.c_int]
+
+
+class CpuKernels:
+    """The loaded library with typed entry points; methods take tensors and check them."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._lora = {torch.bfloat16: lib.tm_lora_sgmv_bf16, torch.float32: lib.tm_lora_sgmv_f32}
+        for fn in self._lora.values():
+            fn.argtypes, fn.restype = _LORA_ARGS, None
+
+    def supports_lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor) -> bool:
+        """Whether `lora_sgmv` takes these operands: one CPU dtype it knows, rows contiguous,
+        A [S, R, in] contiguous and B [S, out, R] stored as [S, R, out] (`LoraLinear.resize`)."""
+        s, r, fan_in = a.shape
+        out = b.shape[1]
+        return (x.dtype in self._lora and x.dtype == y.dtype == a.dtype == b.dtype
+                and x.device.type == "cpu" and x.stride(1) == 1 and y.stride(1) == 1
+                and a.is_contiguous() and b.stride() == (r * out, 1, out)
+                and x.shape[1] == fan_in and y.shape[1] == out and b.shape == (s, out, r))
+
+    def lora_sgmv(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  meta: torch.Tensor, n_groups: int, chunks: torch.Tensor,
+                  scratch: torch.Tensor) -> None:
+        """y[rows] += B_s @ (A_s @ x[rows]) per segment, in place (see the C++ source).
+
+        meta: int64 [n_rows + n_groups + 1 + n_groups] = rows grouped by segment, segment
+        offsets into them, each segment's slot. chunks: int64 [n, 4] from `lora_chunks`.
+        scratch: float32 with at least n_rows * (in + R) elements."""
+        n_rows = meta.shape[0] - 2 * n_groups - 1
+        _, rank, fan_in = a.shape
+        out = b.shape[1]
+        assert scratch.dtype == torch.float32 and scratch.numel() >= n_rows * (fan_in + rank)
+        rows = meta.data_ptr()
+        seg = rows + 8 * n_rows
+        xf = scratch.data_ptr()
+        self._lora[x.dtype](x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                            a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0),
+                            rows, seg, seg + 8 * (n_groups + 1), n_groups, rank, fan_in, out,
+                            chunks.data_ptr(), chunks.shape[0], xf, xf + 4 * n_rows * fan_in,
+                            torch.get_num_threads())
+
+
+def lora_chunks(shard_rows: list[int], rank: int, width: int = 64) -> torch.Tensor:
+    """The expand kernel's column blocks: (first column, width, r_lo, r_hi) per block of at most
+    `width` columns inside one shard; shard j of a fused linear owns ranks j*rb..(j+1)*rb with
+    rb = rank / len(shard_rows) (its B is block-diagonal)."""
+    rb = rank // len(shard_rows)
+    table, start = [], 0
+    for j, rows in enumerate(shard_rows):
+        table += [(c, min(width, start + rows - c), j * rb, (j + 1) * rb)
+                  for c in range(start, start + rows, width)]
+        start += rows
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def _cache_root() -> Path:
+    if env := os.environ.get("TOKENMILL_KERNEL_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tokenmill" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build_key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.splitlines()[:1]
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (compiler, *version, *FLAGS, _cpu_flags(), str(ABI_VERSION)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def build(cache_root: Path | None = None) -> Path:
+    """Compile the kernels (or find them cached) and return the library's path."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    folder = (cache_root or _cache_root()) / _build_key(compiler)
+    lib = folder / "libtokenmill_cpu.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    # Build under a unique name and rename: concurrent builders never see a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+_lock = threading.Lock()
+_loaded: list[CpuKernels | None] = []  # [] until the first call
+
+
+def cpu_kernels() -> CpuKernels | None:
+    """The kernels, built and loaded once per process (`TOKENMILL_CPU_KERNELS` is read then);
+    None when off or unavailable. Called for every LoRA linear, so the common case is a read."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            off = os.environ.get("TOKENMILL_CPU_KERNELS", "1") == "0"
+            _loaded.append(None if off else _load())
+        return _loaded[0]
+
+
+def _load() -> CpuKernels | None:
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        if lib.tm_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"{path}: ABI {lib.tm_abi_version()}, expected {ABI_VERSION}")
+        return CpuKernels(lib, path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("CPU kernels unavailable, using the torch paths: %s", e)
+        return None

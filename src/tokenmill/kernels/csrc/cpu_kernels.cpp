@@ -1,0 +1,197 @@
+// tokenmill's CPU kernels, compiled on first use by tokenmill/kernels/cpu.py
+// (g++ -O3 -march=native -fopenmp -shared) and called through ctypes with raw pointers.
+//
+// Batch invariance: token rows are processed in blocks of up to RB rows, and every row of a
+// block runs the same vector loop with its own accumulators (the block size only decides how
+// many such accumulators a loop carries), so a row's result does not depend on which other
+// requests share the step. tests/kernels/test_cpu_kernels.py checks this bit for bit.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {  // bfloat16 -> float is a shift
+  uint32_t u = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {  // float -> bfloat16, round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  p[i] = uint16_t(u >> 16);
+}
+
+constexpr int64_t RB = 4;   // token rows per block
+constexpr int64_t OC = 64;  // output columns per expand work item
+
+// Shrink for NR <= RB token rows p[0..NR) and two rank rows a0, a1 of A:
+// s[j] = a0 . p[j], t[j] = a1 . p[j].
+template <typename T, int NR>
+inline void shrink_block(const T* a0, const T* a1, const float* const* p, int64_t in,
+                         float* s, float* t) {
+  const float* p0 = p[0];
+  const float* p1 = p[NR > 1 ? 1 : 0];
+  const float* p2 = p[NR > 2 ? 2 : 0];
+  const float* p3 = p[NR > 3 ? 3 : 0];
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+  for (int64_t k = 0; k < in; ++k) {
+    const float u = load(a0, k), v = load(a1, k);
+    s0 += u * p0[k];
+    t0 += v * p0[k];
+    if constexpr (NR > 1) {
+      s1 += u * p1[k];
+      t1 += v * p1[k];
+    }
+    if constexpr (NR > 2) {
+      s2 += u * p2[k];
+      t2 += v * p2[k];
+    }
+    if constexpr (NR > 3) {
+      s3 += u * p3[k];
+      t3 += v * p3[k];
+    }
+  }
+  const float ss[RB] = {s0, s1, s2, s3}, tt[RB] = {t0, t1, t2, t3};
+  for (int j = 0; j < NR; ++j) {
+    s[j] = ss[j];
+    t[j] = tt[j];
+  }
+}
+
+// Expand for NR token rows: acc[j][o] = sum over r in [r_lo, r_hi) of h[j][r] * B[r][o], o < w
+// (W: the width known at compile time, so the accumulators can stay in registers; 0: w).
+template <typename T, int NR, int64_t W>
+inline void expand_block(const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
+                         const float* const* h, float (&acc)[RB][OC], int64_t w) {
+  const int64_t n = W ? W : w;
+  for (int j = 0; j < NR; ++j)
+    for (int64_t o = 0; o < OC; ++o) acc[j][o] = 0.f;
+  for (int64_t r = r_lo; r < r_hi; ++r) {
+    const T* brow = b + r * out;
+    const float c0 = h[0][r];
+    const float c1 = h[NR > 1 ? 1 : 0][r], c2 = h[NR > 2 ? 2 : 0][r], c3 = h[NR > 3 ? 3 : 0][r];
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) {
+      const float bv = load(brow, o);
+      acc[0][o] += c0 * bv;
+      if constexpr (NR > 1) acc[1][o] += c1 * bv;
+      if constexpr (NR > 2) acc[2][o] += c2 * bv;
+      if constexpr (NR > 3) acc[3][o] += c3 * bv;
+    }
+  }
+}
+
+template <typename T, int NR>
+inline void expand_any(const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
+                       const float* const* h, float (&acc)[RB][OC], int64_t w) {
+  if (w == OC)
+    expand_block<T, NR, OC>(b, out, r_lo, r_hi, h, acc, w);
+  else
+    expand_block<T, NR, 0>(b, out, r_lo, r_hi, h, acc, w);
+}
+
+// y[rows[j]] += B_s @ (A_s @ x[rows[j]]) for the rows of each segment g (slot seg_slot[g],
+// rows[seg[g]:seg[g+1]]). a: [S, R, in] (slot stride a_slot), bt: [S, R, out] (B transposed,
+// slot stride b_slot), the scale folded into B. Scratch: xf [n_rows, in], h [n_rows, R] floats.
+// chunks [n_chunks, 4] = (first column, width <= OC, r_lo, r_hi) cover the output columns; a
+// fused linear's B is block-diagonal (q/k/v or gate/up each own R / n_shards ranks), so each
+// column block reads only its shard's rank rows and skips the zeros.
+template <typename T>
+void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot,
+               const T* bt, int64_t b_slot, const int64_t* rows, const int64_t* seg,
+               const int64_t* seg_slot, int64_t n_groups, int64_t R, int64_t in, int64_t out,
+               const int64_t* chunks, int64_t n_chunks, float* xf, float* h, int threads) {
+  const int64_t n_rows = seg[n_groups], n_pairs = (R + 1) / 2;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < n_rows; ++j) {
+      const T* src = x + rows[j] * x_stride;
+      float* dst = xf + j * in;
+#pragma omp simd
+      for (int64_t k = 0; k < in; ++k) dst[k] = load(src, k);
+    }
+    // shrink: one work item per (segment, pair of rank rows); each A row is read once per
+    // block of token rows, each x row once per pair (an odd R repeats its last rank row)
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < n_groups * n_pairs; ++item) {
+      const int64_t g = item / n_pairs, r0 = (item % n_pairs) * 2, r1 = std::min(r0 + 1, R - 1);
+      const T* a0 = a + seg_slot[g] * a_slot + r0 * in;
+      const T* a1 = a + seg_slot[g] * a_slot + r1 * in;
+      for (int64_t j0 = seg[g]; j0 < seg[g + 1]; j0 += RB) {
+        const int64_t nr = std::min(RB, seg[g + 1] - j0);
+        const float* p[RB];
+        for (int64_t j = 0; j < nr; ++j) p[j] = xf + (j0 + j) * in;
+        float s[RB], t[RB];
+        switch (nr) {
+          case 1: shrink_block<T, 1>(a0, a1, p, in, s, t); break;
+          case 2: shrink_block<T, 2>(a0, a1, p, in, s, t); break;
+          case 3: shrink_block<T, 3>(a0, a1, p, in, s, t); break;
+          default: shrink_block<T, 4>(a0, a1, p, in, s, t);
+        }
+        for (int64_t j = 0; j < nr; ++j) {
+          h[(j0 + j) * R + r0] = s[j];
+          h[(j0 + j) * R + r1] = t[j];
+        }
+      }
+    }
+    // expand: one work item per (segment, column chunk); B's rows are read once per block
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < n_groups * n_chunks; ++item) {
+      const int64_t g = item / n_chunks, *c = chunks + (item % n_chunks) * 4;
+      const int64_t o0 = c[0], w = c[1], r_lo = c[2], r_hi = c[3];
+      const T* bslot = bt + seg_slot[g] * b_slot + o0;
+      for (int64_t j0 = seg[g]; j0 < seg[g + 1]; j0 += RB) {
+        const int64_t nr = std::min(RB, seg[g + 1] - j0);
+        const float* hr[RB];
+        for (int64_t j = 0; j < nr; ++j) hr[j] = h + (j0 + j) * R;
+        float acc[RB][OC];
+        switch (nr) {
+          case 1: expand_any<T, 1>(bslot, out, r_lo, r_hi, hr, acc, w); break;
+          case 2: expand_any<T, 2>(bslot, out, r_lo, r_hi, hr, acc, w); break;
+          case 3: expand_any<T, 3>(bslot, out, r_lo, r_hi, hr, acc, w); break;
+          default: expand_any<T, 4>(bslot, out, r_lo, r_hi, hr, acc, w);
+        }
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t base = rows[j0 + j] * y_stride + o0;
+#pragma omp simd
+          for (int64_t o = 0; o < w; ++o) store(y, base + o, load(y, base + o) + acc[j][o]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int tm_abi_version() { return 1; }
+
+void tm_lora_sgmv_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
+                       const uint16_t* a, int64_t a_slot, const uint16_t* bt, int64_t b_slot,
+                       const int64_t* rows, const int64_t* seg, const int64_t* seg_slot,
+                       int64_t n_groups, int64_t R, int64_t in, int64_t out,
+                       const int64_t* chunks, int64_t n_chunks, float* xf, float* h,
+                       int threads) {
+  lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, R,
+            in, out, chunks, n_chunks, xf, h, threads);
+}
+
+void tm_lora_sgmv_f32(const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                      const float* a, int64_t a_slot, const float* bt, int64_t b_slot,
+                      const int64_t* rows, const int64_t* seg, const int64_t* seg_slot,
+                      int64_t n_groups, int64_t R, int64_t in, int64_t out,
+                      const int64_t* chunks, int64_t n_chunks, float* xf, float* h,
+                      int threads) {
+  lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, R,
+            in, out, chunks, n_chunks, xf, h, threads);
+}
+
+}  // extern "C"

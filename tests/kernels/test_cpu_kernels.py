@@ -1,0 +1,165 @@
+"""The native CPU kernels (kernels/cpu.py): build and cache, fallbacks, and the LoRA SGMV kernel
+against a float64 reference, in float32 and bfloat16, with fused (block-diagonal) B."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.kernels import cpu
+from tokenmill.kernels.cpu import build, cpu_kernels, lora_chunks
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="no C++ compiler on this machine")
+
+
+@needs_compiler
+def test_builds_once_and_caches(tmp_path: Path) -> None:
+    lib = build(tmp_path)
+    assert lib.exists() and lib.parent.parent == tmp_path
+    mtime = lib.stat().st_mtime_ns
+    assert build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temporary left behind
+    assert cpu_kernels() is not None  # a machine with a compiler serves the native path
+
+
+def test_compiler_failure_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(RuntimeError, match="failed"):
+        build(tmp_path)
+    monkeypatch.setenv("TOKENMILL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_loaded", [])
+    assert cpu_kernels() is None
+    assert "CPU kernels unavailable" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_switched_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENMILL_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu, "_loaded", [])
+    assert cpu_kernels() is None
+
+
+def test_chunks_cover_each_column_once_with_its_shard_ranks() -> None:
+    shards, rank = [100, 64, 30], 12  # rank block 4 per shard
+    table = lora_chunks(shards, rank, width=32).tolist()
+    cols: list[int] = []
+    for first, width, r_lo, r_hi in table:
+        assert 0 < width <= 32
+        shard = 0 if first < 100 else 1 if first < 164 else 2
+        assert (r_lo, r_hi) == (4 * shard, 4 * shard + 4)
+        assert first + width <= [100, 164, 194][shard]  # a block never spans two shards
+        cols += range(first, first + width)
+    assert cols == list(range(194))
+
+
+def _case(dtype: torch.dtype, shards: list[int], rb: int, n_slots: int, seed: int = 0):
+    """Random stacks as LoraLinear holds them: A [S, n*rb, in], block-diagonal B [S, out, n*rb]
+    stored as [S, n*rb, out]."""
+    g = torch.Generator().manual_seed(seed)
+    fan_in, out, r = 72, sum(shards), rb * len(shards)
+    a = (0.1 * torch.randn(n_slots, r, fan_in, generator=g)).to(dtype)
+    b = torch.zeros(n_slots, r, out)
+    start = 0
+    for j, rows in enumerate(shards):
+        b[:, j * rb:(j + 1) * rb, start:start + rows] = 0.1 * torch.randn(n_slots, rb, rows,
+                                                                         generator=g)
+        start += rows
+    return a, b.to(dtype).transpose(1, 2), fan_in, out
+
+
+def _reference(y: torch.Tensor, x: torch.Tensor, slots: list[int], a: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
+    want = y.double().clone()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            want[t] += b[s].double() @ (a[s].double() @ x[t].double())
+    return want
+
+
+def _run(y: torch.Tensor, x: torch.Tensor, slots: list[int], a: torch.Tensor, b: torch.Tensor,
+         shards: list[int]) -> torch.Tensor:
+    from tokenmill.lora.punica import lora_add_, make_plan
+
+    plan = make_plan(slots, torch.device("cpu"), cpu=True)
+    assert plan is not None and plan.cpu_meta is not None
+    y = y.clone()
+    lora_add_(y, x, plan, a, b, lora_chunks(shards, a.shape[1]))
+    return y
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shards", [[80], [48, 16, 16], [40, 40]])
+def test_lora_kernel_matches_reference(dtype: torch.dtype, shards: list[int]) -> None:
+    kernel = cpu_kernels()
+    assert kernel is not None
+    a, b, fan_in, out = _case(dtype, shards, rb=5, n_slots=4)  # odd rank: a half-used pair
+    assert kernel.supports_lora(torch.zeros(1, fan_in, dtype=dtype),
+                                torch.zeros(1, out, dtype=dtype), a, b)
+    g = torch.Generator().manual_seed(1)
+    slots = [2, -1, 0, 2, 3, 3, 3, 3, 3, -1, 1, 2, 0]  # unsorted, 5 rows on one slot, no-adapter
+    x = torch.randn(len(slots), fan_in, generator=g).to(dtype)
+    y = torch.randn(len(slots), out, generator=g).to(dtype)
+    got = _run(y, x, slots, a, b, shards)
+    want = _reference(y, x, slots, a, b)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    for t in (1, 9):  # rows without an adapter are not touched
+        assert torch.equal(got[t], y[t])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kernel_row_results_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
+    """A row gets the same bits alone and in any batch: no output depends on its neighbours."""
+    shards = [48, 16, 16]
+    a, b, fan_in, out = _case(dtype, shards, rb=4, n_slots=3, seed=2)
+    g = torch.Generator().manual_seed(5)
+    # segments of 2, 9 and 1 rows: blocks of 2; 4, 4 and 1; 1 row
+    slots = [0, 1, 1, 2, 1, 0, 1, 1, 1, 1, 1, 1]
+    n = len(slots)
+    x = torch.randn(n, fan_in, generator=g).to(dtype)
+    y = torch.randn(n, out, generator=g).to(dtype)
+    batch = _run(y, x, slots, a, b, shards)
+    for t in range(n):
+        alone = _run(y[t:t + 1], x[t:t + 1], [slots[t]], a, b, shards)
+        assert torch.equal(alone[0], batch[t]), t
+    for k in (2, 3):  # the first k rows of slot 1 as a block of k
+        sub = [t for t in range(n) if slots[t] == 1][:k]
+        part = _run(y[sub], x[sub], [1] * k, a, b, shards)
+        assert torch.equal(part, batch[sub]), k
+    reordered = list(reversed(range(n)))
+    batch2 = _run(y[reordered], x[reordered], [slots[t] for t in reordered], a, b, shards)
+    assert torch.equal(batch2, batch[reordered])
+
+
+@needs_compiler
+def test_lora_add_falls_back_on_a_layout_the_kernel_does_not_take() -> None:
+    from tokenmill.lora.punica import lora_add_, make_plan
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    a, b, fan_in, out = _case(torch.float32, [80], rb=4, n_slots=2)
+    b_plain = b.contiguous()  # [S, out, R] row-major: not the kernel's layout
+    x, y = torch.randn(3, fan_in), torch.zeros(3, out)
+    assert not kernel.supports_lora(x, y, a, b_plain)
+    plan = make_plan([0, 1, 1], torch.device("cpu"), cpu=True)
+    assert plan is not None
+    got = lora_add_(y.clone(), x, plan, a, b_plain)
+    torch.testing.assert_close(got.double(), _reference(y, x, [0, 1, 1], a, b), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_long_segments_take_the_torch_path() -> None:
+    from tokenmill.lora.punica import CPU_KERNEL_MAX_ROWS_PER_SLOT, make_plan
+
+    n = CPU_KERNEL_MAX_ROWS_PER_SLOT
+    short = make_plan([0] * n + [1] * n, torch.device("cpu"), cpu=True)
+    long = make_plan([0] * (n + 1), torch.device("cpu"), cpu=True)
+    assert short is not None and short.cpu_meta is not None
+    assert long is not None and long.cpu_meta is None  # a long prefill: oneDNN's bmm is faster
