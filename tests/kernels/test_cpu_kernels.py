@@ -163,3 +163,49 @@ def test_long_segments_take_the_torch_path() -> None:
     long = make_plan([0] * (n + 1), torch.device("cpu"), cpu=True)
     assert short is not None and short.cpu_meta is not None
     assert long is not None and long.cpu_meta is None  # a long prefill: oneDNN's bmm is faster
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (9, 3), (8, 1)])
+def test_paged_decode_matches_sdpa(dtype: torch.dtype, hq: int, hk: int) -> None:
+    """Decode attention straight from a shuffled paged cache equals SDPA over each sequence's
+    gathered keys, with full contexts and sliding-window ranges."""
+    import torch.nn.functional as F
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(7)
+    d, bs, n_blocks = 16, 4, 40
+    cache = torch.randn(2, hk, n_blocks, bs, d, generator=g).to(dtype)
+    bounds = [(0, 1), (0, 13), (5, 37), (0, 16)]  # (start, end): one key, partial blocks, window
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    tables = torch.zeros(len(bounds), 10, dtype=torch.long)
+    for i, (_, end) in enumerate(bounds):
+        n = -(-end // bs)
+        tables[i, :n] = torch.tensor(order[:n])
+        order = order[n:]
+    qkv = torch.randn(len(bounds), hq + 2 * hk, d, generator=g).to(dtype)
+    q = qkv[:, :hq]  # a view with the token stride of a fused qkv, as the model passes it
+    assert kernel.supports_decode(q, cache)
+    got = kernel.paged_decode(q, cache, tables, torch.tensor(bounds), 37, 0.3)
+    for i, (start, end) in enumerate(bounds):
+        pos = torch.arange(start, end)
+        slots = tables[i, pos // bs] * bs + pos % bs
+        k = cache[0].reshape(hk, -1, d)[:, slots].float()
+        v = cache[1].reshape(hk, -1, d)[:, slots].float()
+        want = F.scaled_dot_product_attention(q[i].float().view(1, hq, 1, d), k[None], v[None],
+                                              scale=0.3, enable_gqa=hq != hk).view(hq, d)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got[i].float(), want, atol=tol, rtol=tol)
+
+
+@needs_compiler
+def test_decode_kernel_declines_what_it_cannot_take() -> None:
+    kernel = cpu_kernels()
+    assert kernel is not None
+    cache = torch.zeros(2, 2, 4, 4, 8)
+    assert not kernel.supports_decode(torch.zeros(1, 4, 8, dtype=torch.bfloat16), cache)  # dtype
+    assert not kernel.supports_decode(torch.zeros(1, 3, 8), cache)  # 3 heads over 2 KV heads
+    assert not kernel.supports_decode(torch.zeros(1, 8, 4).transpose(1, 2), cache)  # strides
+    assert not kernel.supports_decode(torch.zeros(1, 4, 8), cache.transpose(3, 4))

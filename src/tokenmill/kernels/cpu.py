@@ -28,13 +28,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
+         "-std=c++17")
+ABI_VERSION = 2
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P,
               ctypes.c_int]
+_DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _I, _I, _I,
+                           ctypes.c_float, _P, _I, ctypes.c_int]
+MAX_DECODE_GROUP_DIM = 4096  # (query heads per KV head) x head_dim: the kernel's stack buffers
 
 
 class CpuKernels:
@@ -45,6 +49,10 @@ class CpuKernels:
         self._lora = {torch.bfloat16: lib.tm_lora_sgmv_bf16, torch.float32: lib.tm_lora_sgmv_f32}
         for fn in self._lora.values():
             fn.argtypes, fn.restype = _LORA_ARGS, None
+        self._decode = {torch.bfloat16: lib.tm_paged_decode_bf16,
+                        torch.float32: lib.tm_paged_decode_f32}
+        for fn in self._decode.values():
+            fn.argtypes, fn.restype = _DECODE_ARGS, None
 
     def supports_lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor) -> bool:
@@ -77,6 +85,36 @@ class CpuKernels:
                             rows, seg, seg + 8 * (n_groups + 1), n_groups, rank, fan_in, out,
                             chunks.data_ptr(), chunks.shape[0], xf, xf + 4 * n_rows * fan_in,
                             torch.get_num_threads())
+
+
+    def supports_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """q [B, Hq, D] with contiguous heads; kv_cache [2, Hk, n_blocks, bs, D] contiguous, of
+        q's dtype."""
+        _, hk, _, _, d = kv_cache.shape
+        hq = q.shape[1]
+        return (q.dtype in self._decode and kv_cache.dtype == q.dtype and q.device.type == "cpu"
+                and kv_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == d
+                and q.shape[2] == d and hq % hk == 0 and hq // hk * d <= MAX_DECODE_GROUP_DIM)
+
+    def paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
+                     bounds: torch.Tensor, max_keys: int, scale: float) -> torch.Tensor:
+        """Decode attention read straight from the paged cache (see the C++ source).
+
+        tables [B, max_blocks] int64 block ids, bounds [B, 2] int64 key range [start, end) per
+        sequence, max_keys >= every end - start. Returns out [B, Hq, D]."""
+        b, hq, d = q.shape
+        _, hk, n_blocks, bs, _ = kv_cache.shape
+        assert tables.dtype == bounds.dtype == torch.int64 and tables.is_contiguous()
+        threads = torch.get_num_threads()
+        out = torch.empty(b, hq, d, dtype=q.dtype)
+        scratch = torch.empty(threads * (hq // hk) * max(max_keys, 1), dtype=torch.float32)
+        head = n_blocks * bs * d
+        k_ptr = kv_cache.data_ptr()
+        self._decode[q.dtype](q.data_ptr(), q.stride(0), out.data_ptr(), k_ptr,
+                              k_ptr + hk * head * kv_cache.element_size(), head, bs, d,
+                              tables.data_ptr(), tables.stride(0), bounds.data_ptr(), b, hq, hk,
+                              scale, scratch.data_ptr(), max(max_keys, 1), threads)
+        return out
 
 
 def lora_chunks(shard_rows: list[int], rank: int, width: int = 64) -> torch.Tensor:

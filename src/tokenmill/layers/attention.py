@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels.cpu import cpu_kernels
+
 logger = logging.getLogger("tokenmill.attention")
 
 
@@ -31,6 +33,10 @@ class SeqGroup:
     whole_batch: bool = False  # the rows are exactly 0..T-1 in order (a decode-only step)
     # One sequence: the key positions it attends to, [start, end) (no mask needed).
     key_range: tuple[int, int] | None = None
+    # Decode groups: each sequence's key range [start, end) as int64 [B, 2] on the host, and
+    # the longest one (the native CPU decode kernel reads these instead of the mask).
+    bounds: torch.Tensor | None = None
+    max_keys: int = 0
 
 
 @dataclass
@@ -117,8 +123,14 @@ class TorchPagedAttention(AttentionBackend):
         key_range = None
         if len(ctxs) == 1:
             key_range = (0 if window is None else max(0, ctxs[0] - window), ctxs[0])
+        bounds = None
+        if nq == 1:
+            bounds = torch.tensor([(0 if window is None else max(0, c - window), c)
+                                   for c in ctxs], dtype=torch.long)
         return SeqGroup(token_index=index.to(device), block_tables=table.to(device),
-                        mask=mask[:, None].to(device), num_queries=nq, key_range=key_range)
+                        mask=mask[:, None].to(device), num_queries=nq, key_range=key_range,
+                        bounds=bounds, max_keys=max(ctxs) if window is None else min(
+                            max(ctxs), window))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -130,6 +142,10 @@ class TorchPagedAttention(AttentionBackend):
                 else new.transpose(0, 1).to(kv_cache.dtype))
         if len(meta.groups) == 1 and meta.groups[0].whole_batch:  # decode only: no scatter
             g = meta.groups[0]
+            if (g.bounds is not None and (kern := cpu_kernels()) is not None
+                    and kern.supports_decode(q, kv_cache)):  # straight from the cache
+                return kern.paged_decode(q, kv_cache, g.block_tables, g.bounds, g.max_keys,
+                                         scale)
             kg, vg = _gather(kv_cache[0], g.block_tables), _gather(kv_cache[1], g.block_tables)
             if g.key_range is not None and q.device.type == "cpu":
                 return self._decode_one(q, kg, vg, g.key_range, scale)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.kernels.cpu import lora_chunks
+from tokenmill.kernels.cpu import cpu_kernels, lora_chunks
 from tokenmill.layers.linear import Linear
 from tokenmill.lora.adapter import LoraAdapter, load_peft_adapter
 from tokenmill.lora.punica import LoraPlan, lora_add_, make_plan
@@ -115,6 +115,8 @@ class LoraManager:
 
     def read(self, name: str, path: Path) -> LoraAdapter:
         """Read and check an adapter (any thread: touches no shared state)."""
+        if self.device.type == "cpu":
+            cpu_kernels()  # build the native LoRA kernel here, not in the first step using it
         return load_peft_adapter(path, name, num_layers=self.model.cfg.num_layers,
                                  module_shapes=self.module_shapes)
 

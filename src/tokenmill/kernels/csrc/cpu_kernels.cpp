@@ -5,7 +5,10 @@
 // block runs the same vector loop with its own accumulators (the block size only decides how
 // many such accumulators a loop carries), so a row's result does not depend on which other
 // requests share the step. tests/kernels/test_cpu_kernels.py checks this bit for bit.
+#include <omp.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -168,11 +171,82 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
   }
 }
 
+
+// Decode attention straight from the paged cache: one query token per sequence, no gather.
+// q [B, Hq, D] (token stride q_tok, head stride D), out [B, Hq, D] contiguous; k/v caches
+// [Hk, n_blocks, bs, D] (head stride kv_head); tables [B, table_stride] block ids; bounds [B, 2]
+// = the key positions [start, end) each sequence attends to. One work item per (sequence,
+// KV head): its G = Hq / Hk query heads share every K and V row they read. Scores live in
+// float32 scratch [threads, G * max_keys]; the softmax and both products run in float32.
+template <typename T>
+void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,
+                  int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,
+                  const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,
+                  float* scratch, int64_t max_keys, int threads) {
+  const int64_t G = Hq / Hk;
+#pragma omp parallel num_threads(threads)
+  {
+    float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
+    float qf[16 * 256], acc[16 * 256];  // G * D <= 4096, checked by the caller
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * Hk; ++item) {
+      const int64_t b = item / Hk, h = item % Hk;
+      const int64_t start = bounds[2 * b], end = bounds[2 * b + 1], n = end - start;
+      const int64_t* table = tables + b * table_stride;
+      const T* kh = kc + h * kv_head;
+      const T* vh = vc + h * kv_head;
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qrow = q + b * q_tok + (h * G + g) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(qrow, d) * scale;
+      }
+      for (int64_t p = start; p < end; ++p) {
+        const T* krow = kh + (table[p / bs] * bs + p % bs) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf + g * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
+          sc[g * max_keys + (p - start)] = s;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = sc + g * max_keys;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) {
+          sg[i] = std::exp(sg[i] - m);
+          sum += sg[i];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+      }
+      for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+      for (int64_t p = start; p < end; ++p) {
+        const T* vrow = vh + (table[p / bs] * bs + p % bs) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = sc[g * max_keys + (p - start)];
+          float* __restrict ag = acc + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] += w * load(vrow, d);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* orow = out + (b * Hq + h * G + g) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) store(orow, d, acc[g * D + d]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int tm_abi_version() { return 1; }
+int tm_abi_version() { return 2; }
 
 void tm_lora_sgmv_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
                        const uint16_t* a, int64_t a_slot, const uint16_t* bt, int64_t b_slot,
@@ -193,5 +267,16 @@ void tm_lora_sgmv_f32(const float* x, int64_t x_stride, float* y, int64_t y_stri
   lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, R,
             in, out, chunks, n_chunks, xf, h, threads);
 }
+
+#define TM_PAGED_DECODE(NAME, T)                                                              \
+  void NAME(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,     \
+            int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,               \
+            const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,            \
+            float* scratch, int64_t max_keys, int threads) {                                  \
+    paged_decode(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, bounds, B, Hq,  \
+                 Hk, scale, scratch, max_keys, threads);                                      \
+  }
+TM_PAGED_DECODE(tm_paged_decode_bf16, uint16_t)
+TM_PAGED_DECODE(tm_paged_decode_f32, float)
 
 }  // extern "C"
