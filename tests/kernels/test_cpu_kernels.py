@@ -209,3 +209,57 @@ def test_decode_kernel_declines_what_it_cannot_take() -> None:
     assert not kernel.supports_decode(torch.zeros(1, 3, 8), cache)  # 3 heads over 2 KV heads
     assert not kernel.supports_decode(torch.zeros(1, 8, 4).transpose(1, 2), cache)  # strides
     assert not kernel.supports_decode(torch.zeros(1, 4, 8), cache.transpose(3, 4))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rmsnorm_matches_the_torch_module(dtype: torch.dtype, with_residual: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.layers import norm
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(11)
+    mod = norm.RMSNorm(576, 1e-5)
+    mod.weight.data = (1 + 0.1 * torch.randn(576, generator=g)).to(dtype)
+    wide = (3 * torch.randn(7, 600, generator=g)).to(dtype)
+    x = wide[:, :576]  # rows with a stride, as slices of a fused output are
+    residual = torch.randn(7, 576, generator=g).to(dtype) if with_residual else None
+    assert kernel.supports_norm(x, residual, mod.weight)
+    got, got_r = mod(x, residual)
+    monkeypatch.setattr(norm, "cpu_kernels", lambda: None)  # the torch path
+    want, want_r = mod(x, residual)
+    assert torch.equal(got_r, want_r)
+    # the mean of squares is summed in another order: at most one rounding step apart
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_matches_rotary_and_cache_write_bit_for_bit(dtype: torch.dtype) -> None:
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    hq, hk, d, bs, n_blocks = 6, 2, 16, 4, 8
+    rot = RotaryEmbedding(d, 64, 10000.0)
+    cos, sin = rot.tables(dtype)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, (hq + 2 * hk) * d, generator=g).to(dtype)
+    positions = torch.tensor([0, 7, 8, 33, 63])
+    slots = torch.tensor([3, 17, 4, 30, 9])
+    cache = torch.zeros(2, hk, n_blocks, bs, d, dtype=dtype)
+    assert kernel.supports_rope_kv(qkv, cache, cos, hq)
+    want = rot.rotate(positions, qkv[:, :(hq + hk) * d].view(5, hq + hk, d))
+    v = qkv[:, (hq + hk) * d:].view(5, hk, d).clone()
+    got = qkv.clone()
+    kernel.rope_kv(got, positions, cos, sin, cache, slots, hq)
+    assert torch.equal(got[:, :(hq + hk) * d].view(5, hq + hk, d), want)
+    assert torch.equal(got[:, (hq + hk) * d:].view(5, hk, d), v)  # v is not touched
+    flat = cache.view(2, hk, n_blocks * bs, d)
+    for t in range(5):
+        assert torch.equal(flat[0, :, slots[t]], want[t, hq:])
+        assert torch.equal(flat[1, :, slots[t]], v[t])
+    assert int((flat.abs().sum(-1) != 0).sum()) == 2 * hk * 5  # nothing else written

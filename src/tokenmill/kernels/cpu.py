@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 2
+ABI_VERSION = 4
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -38,6 +38,8 @@ _LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I,
               ctypes.c_int]
 _DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _I, _I, _I,
                            ctypes.c_float, _P, _I, ctypes.c_int]
+_NORM_ARGS: list[Any] = [_P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]
+_ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
 MAX_DECODE_GROUP_DIM = 4096  # (query heads per KV head) x head_dim: the kernel's stack buffers
 
 
@@ -53,6 +55,59 @@ class CpuKernels:
                         torch.float32: lib.tm_paged_decode_f32}
         for fn in self._decode.values():
             fn.argtypes, fn.restype = _DECODE_ARGS, None
+        self._norm = {torch.bfloat16: lib.tm_add_rmsnorm_bf16,
+                      torch.float32: lib.tm_add_rmsnorm_f32}
+        for fn in self._norm.values():
+            fn.argtypes, fn.restype = _NORM_ARGS, None
+        self._rope = {torch.bfloat16: lib.tm_rope_kv_bf16, torch.float32: lib.tm_rope_kv_f32}
+        for fn in self._rope.values():
+            fn.argtypes, fn.restype = _ROPE_ARGS, None
+
+    def supports_rope_kv(self, qkv: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor,
+                         num_heads: int) -> bool:
+        """qkv [T, (Hq + 2 Hk) * D] with contiguous rows; kv_cache [2, Hk, n_blocks, bs, D]
+        contiguous; cos [positions, D]; all of one CPU dtype the kernel knows."""
+        _, hk, _, _, d = kv_cache.shape
+        return (qkv.dtype in self._rope and qkv.device.type == "cpu" and qkv.dim() == 2
+                and qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * hk) * d
+                and kv_cache.dtype == qkv.dtype and kv_cache.is_contiguous()
+                and cos.dtype == qkv.dtype and cos.is_contiguous() and cos.shape[1] == d
+                and d % 2 == 0 and d <= 1024)
+
+    def rope_kv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
+                num_heads: int) -> None:
+        """Rotate q and k of `qkv` in place and write k and v into the cache at `slots`."""
+        _, hk, n_blocks, bs, d = kv_cache.shape
+        assert positions.dtype == slots.dtype == torch.int64 and sin.is_contiguous()
+        assert positions.is_contiguous() and slots.is_contiguous()
+        head = n_blocks * bs * d
+        k_ptr = kv_cache.data_ptr()
+        self._rope[qkv.dtype](qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, hk, d,
+                              positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_ptr,
+                              k_ptr + hk * head * kv_cache.element_size(), head,
+                              slots.data_ptr(), torch.get_num_threads())
+
+    def supports_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                      weight: torch.Tensor) -> bool:
+        """2-D rows of one CPU dtype the kernel knows, each row contiguous."""
+        return (x.dtype in self._norm and x.device.type == "cpu" and x.dim() == 2
+                and x.stride(1) == 1 and weight.dtype == x.dtype and weight.is_contiguous()
+                and weight.shape == (x.shape[1],)
+                and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous()
+                                          and residual.shape == x.shape)))
+
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rmsnorm(x + residual) * weight, x + residual) as `RMSNorm.forward` computes them."""
+        rows, hidden = x.shape
+        r_out = torch.empty(rows, hidden, dtype=x.dtype)
+        out = torch.empty(rows, hidden, dtype=x.dtype)
+        self._norm[x.dtype](x.data_ptr(), x.stride(0),
+                            None if residual is None else residual.data_ptr(), r_out.data_ptr(),
+                            weight.data_ptr(), out.data_ptr(), rows, hidden, eps,
+                            torch.get_num_threads())
+        return out, r_out
 
     def supports_lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor) -> bool:

@@ -62,8 +62,10 @@ class AttentionBackend(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hk, D] → [T, Hq, D]; writes k/v into kv_cache first."""
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hk, D] → [T, Hq, D]; writes k/v into kv_cache first, unless
+        the caller already has (`kv_written`: the fused rotary + cache write kernel)."""
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -133,10 +135,11 @@ class TorchPagedAttention(AttentionBackend):
                             max(ctxs), window))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
         _, hk, num_blocks, block_size, d = kv_cache.shape
         same = kv_cache.dtype == q.dtype  # (a no-op .to() still costs a dispatch per layer)
-        for i, new in ((0, k), (1, v)):
+        for i, new in (() if kv_written else ((0, k), (1, v))):
             kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
                 1, meta.slot_mapping, new.transpose(0, 1) if same
                 else new.transpose(0, 1).to(kv_cache.dtype))

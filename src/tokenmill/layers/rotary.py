@@ -50,8 +50,9 @@ class RotaryEmbedding(nn.Module):
         # held reference keeps that tensor alive, so `is` cannot match a recycled object.
         self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
-    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Cast once per dtype: the same values transformers gets by casting at every call.
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [positions, D] cos and sin tables in `dtype`. Cast once per dtype: the same
+        values transformers gets by casting at every call."""
         if self.cos.dtype == dtype:
             return self.cos, self.sin
         cached = self._cast.get(dtype)
@@ -64,7 +65,7 @@ class RotaryEmbedding(nn.Module):
         step = self._step
         if step is not None and step[0] is positions and step[1] == dtype:
             return step[2], step[3]
-        cos_t, sin_t = self._tables(dtype)
+        cos_t, sin_t = self.tables(dtype)
         cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)
         self._step = (positions, dtype, cos, sin)
         return cos, sin

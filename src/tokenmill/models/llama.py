@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels.cpu import CpuKernels, cpu_kernels
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
@@ -95,6 +96,13 @@ class Attention(nn.Module):
         t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+        if self.q_norm is None and (k_rope := self._fused_rope(qkv)) is not None:
+            cos, sin = self.rotary.tables(qkv.dtype)
+            k_rope.rope_kv(qkv, positions, cos, sin, self.kv_cache, meta.slot_mapping, hq)
+            q = qkv[:, :hq * d].view(t, hq, d)
+            k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+            o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, kv_written=True)
+            return self.o_proj(o.reshape(t, -1))
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm.plain(qkv[:, :hq * d].view(t, hq, d))
             k = self.k_norm.plain(qkv[:, hq * d:(hq + hk) * d].view(t, hk, d))
@@ -104,6 +112,15 @@ class Attention(nn.Module):
                                       ).split([hq, hk], dim=1)
         o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
+
+
+    def _fused_rope(self, qkv: torch.Tensor) -> CpuKernels | None:
+        """The native CPU kernel that rotates q/k in place and writes k/v into the cache in
+        one call (~10 torch ops otherwise), when it takes these tensors."""
+        if qkv.device.type != "cpu" or (k := cpu_kernels()) is None:
+            return None
+        cos, _ = self.rotary.tables(qkv.dtype)
+        return k if k.supports_rope_kv(qkv, self.kv_cache, cos, self.num_heads) else None
 
 
 class MLP(nn.Module):
