@@ -58,11 +58,11 @@ def test_chunks_cover_each_column_once_with_its_shard_ranks() -> None:
 
 
 def _case(dtype: torch.dtype, shards: list[int], rb: int, n_slots: int, seed: int = 0):
-    """Random stacks as LoraLinear holds them: A [S, n*rb, in], block-diagonal B [S, out, n*rb]
-    stored as [S, n*rb, out]."""
+    """Random stacks as LoraLinear holds them: A [S, n*rb, in] stored as [S, in, n*rb], and a
+    block-diagonal B [S, out, n*rb] stored as [S, n*rb, out]."""
     g = torch.Generator().manual_seed(seed)
     fan_in, out, r = 72, sum(shards), rb * len(shards)
-    a = (0.1 * torch.randn(n_slots, r, fan_in, generator=g)).to(dtype)
+    a = (0.1 * torch.randn(n_slots, fan_in, r, generator=g)).to(dtype).transpose(1, 2)
     b = torch.zeros(n_slots, r, out)
     start = 0
     for j, rows in enumerate(shards):
@@ -148,6 +148,7 @@ def test_lora_add_falls_back_on_a_layout_the_kernel_does_not_take() -> None:
     b_plain = b.contiguous()  # [S, out, R] row-major: not the kernel's layout
     x, y = torch.randn(3, fan_in), torch.zeros(3, out)
     assert not kernel.supports_lora(x, y, a, b_plain)
+    assert not kernel.supports_lora(x, y, a.contiguous(), b)
     plan = make_plan([0, 1, 1], torch.device("cpu"), cpu=True)
     assert plan is not None
     got = lora_add_(y.clone(), x, plan, a, b_plain)
@@ -263,3 +264,28 @@ def test_rope_kv_matches_rotary_and_cache_write_bit_for_bit(dtype: torch.dtype) 
         assert torch.equal(flat[0, :, slots[t]], want[t, hq:])
         assert torch.equal(flat[1, :, slots[t]], v[t])
     assert int((flat.abs().sum(-1) != 0).sum()) == 2 * hk * 5  # nothing else written
+
+
+@needs_compiler
+@pytest.mark.parametrize("gap", [0.0, 0.5, 3.3, 20.0, 80.0, 86.5, 88.0, 1e4])
+def test_decode_softmax_exp_is_accurate_and_underflows_to_zero(gap: float) -> None:
+    """The kernel's own vectorized exp: two keys whose scores differ by `gap`."""
+    import math
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    d = 16
+    cache = torch.zeros(2, 1, 1, 4, d)
+    cache[0, 0, 0, 1, 0] = -gap  # key 1 scores -gap, key 0 scores 0 (q = e0)
+    cache[1, 0, 0, 1, 0] = 1.0  # so the output is key 1's softmax weight
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 0] = 1.0
+    out = kernel.paged_decode(q, cache, torch.zeros(1, 1, dtype=torch.long),
+                              torch.tensor([[0, 2]]), 2, 1.0)
+    want = math.exp(-gap) / (1 + math.exp(-gap))
+    got = float(out[0, 0, 0])
+    if want > 1e-37:
+        assert abs(got - want) <= 1e-6 * want
+    else:
+        assert 0.0 <= got <= 1e-37
+    assert float(out[0, 0, 1:].abs().sum()) == 0.0

@@ -106,8 +106,9 @@ def test_plan_and_lora_add_match_naive(case: str, path: str,
     x = torch.randn(n, d_in, generator=gen)
     base = torch.randn(n, d_out, generator=gen)
     plan = make_plan(slots, torch.device("cpu"), cpu=path == "cpu-kernel")
-    if path == "cpu-kernel":  # B stored as [S, R, out], the layout the kernel reads
+    if path == "cpu-kernel":  # A and B stored transposed, the layout the kernel reads
         b_scaled = b_scaled.transpose(1, 2).contiguous().transpose(1, 2)
+        a_stack = a_stack.transpose(1, 2).contiguous().transpose(1, 2)
         calls: list[int] = []
         assert kernel is not None
         monkeypatch.setattr(kernel, "lora_sgmv",

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 4
+ABI_VERSION = 5
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -112,12 +112,13 @@ class CpuKernels:
     def supports_lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
                       b: torch.Tensor) -> bool:
         """Whether `lora_sgmv` takes these operands: one CPU dtype it knows, rows contiguous,
-        A [S, R, in] contiguous and B [S, out, R] stored as [S, R, out] (`LoraLinear.resize`)."""
+        A [S, R, in] stored as [S, in, R] and B [S, out, R] stored as [S, R, out] (both
+        transposed views, as `LoraLinear.resize` makes them)."""
         s, r, fan_in = a.shape
         out = b.shape[1]
         return (x.dtype in self._lora and x.dtype == y.dtype == a.dtype == b.dtype
                 and x.device.type == "cpu" and x.stride(1) == 1 and y.stride(1) == 1
-                and a.is_contiguous() and b.stride() == (r * out, 1, out)
+                and a.stride() == (r * fan_in, 1, r) and b.stride() == (r * out, 1, out)
                 and x.shape[1] == fan_in and y.shape[1] == out and b.shape == (s, out, r))
 
     def lora_sgmv(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

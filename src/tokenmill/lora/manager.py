@@ -44,9 +44,10 @@ class LoraLinear:
         self.batch = batch
         self.shards = shards
         self.fan_in = fan_in
-        self.a: torch.Tensor | None = None  # [S, n_shards * rank, in]
-        # [S, out, n_shards * rank], stored as [S, n_shards * rank, out] (a transposed view):
-        # the CPU kernel streams B's rank rows and the torch path's bmm takes it contiguous.
+        # A [S, n_shards * rank, in] and B [S, out, n_shards * rank], each stored transposed
+        # ([S, in, R] and [S, R, out], views): the CPU kernel streams rows of A^T and B^T with
+        # broadcast FMAs, and the torch path's bmm takes them contiguous.
+        self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.chunks: torch.Tensor | None = None  # the CPU kernel's column blocks
 
@@ -58,7 +59,8 @@ class LoraLinear:
     def resize(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """(Re)allocate for `num_slots` slots of rank `rank`, keeping what is there."""
         n, out = len(self.shards), sum(rows for _, rows in self.shards)
-        a = torch.zeros(num_slots, n * rank, self.fan_in, dtype=dtype, device=device)
+        a = torch.zeros(num_slots, self.fan_in, n * rank, dtype=dtype, device=device
+                        ).transpose(1, 2)
         b = torch.zeros(num_slots, n * rank, out, dtype=dtype, device=device).transpose(1, 2)
         self.chunks = lora_chunks([rows for _, rows in self.shards], n * rank)
         if self.a is not None and self.b is not None:

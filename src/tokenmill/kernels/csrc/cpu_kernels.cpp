@@ -29,52 +29,44 @@ inline void store(uint16_t* p, int64_t i, float v) {  // float -> bfloat16, roun
   p[i] = uint16_t(u >> 16);
 }
 
+// exp(x) for the softmax, in plain arithmetic so that `omp simd` vectorizes it (glibc's
+// vector expf needs -ffast-math): 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split
+// in two for accuracy) and a degree-6 Taylor polynomial; relative error < 2e-7 for x in
+// [-87, 0], the softmax's range. Below -87 the result is 0 (float32's exp would be < 1.7e-38).
+inline float exp_neg(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  const float n = __builtin_roundf(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x < -87.f ? 0.f : p * two_n;
+}
+
 constexpr int64_t RB = 4;   // token rows per block
 constexpr int64_t OC = 64;  // output columns per expand work item
 
-// Shrink for NR <= RB token rows p[0..NR) and two rank rows a0, a1 of A:
-// s[j] = a0 . p[j], t[j] = a1 . p[j].
-template <typename T, int NR>
-inline void shrink_block(const T* a0, const T* a1, const float* const* p, int64_t in,
-                         float* s, float* t) {
-  const float* p0 = p[0];
-  const float* p1 = p[NR > 1 ? 1 : 0];
-  const float* p2 = p[NR > 2 ? 2 : 0];
-  const float* p3 = p[NR > 3 ? 3 : 0];
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
-  for (int64_t k = 0; k < in; ++k) {
-    const float u = load(a0, k), v = load(a1, k);
-    s0 += u * p0[k];
-    t0 += v * p0[k];
-    if constexpr (NR > 1) {
-      s1 += u * p1[k];
-      t1 += v * p1[k];
-    }
-    if constexpr (NR > 2) {
-      s2 += u * p2[k];
-      t2 += v * p2[k];
-    }
-    if constexpr (NR > 3) {
-      s3 += u * p3[k];
-      t3 += v * p3[k];
-    }
-  }
-  const float ss[RB] = {s0, s1, s2, s3}, tt[RB] = {t0, t1, t2, t3};
-  for (int j = 0; j < NR; ++j) {
-    s[j] = ss[j];
-    t[j] = tt[j];
-  }
-}
-
-// Expand for NR token rows: acc[j][o] = sum over r in [r_lo, r_hi) of h[j][r] * B[r][o], o < w
-// (W: the width known at compile time, so the accumulators can stay in registers; 0: w).
+// acc[j][o] = sum over r in [r_lo, r_hi) of h[j][r] * B[r][o] for NR token rows and o < w,
+// B's rows `out` apart (W: the width known at compile time, so the accumulators can stay in
+// registers; 0: w). Both LoRA factors are this loop: the shrink with B = A^T and h = x, the
+// expand with B^T and h = x A^T; broadcasts and FMAs only, no horizontal sums.
 template <typename T, int NR, int64_t W>
 inline void expand_block(const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
                          const float* const* h, float (&acc)[RB][OC], int64_t w) {
   const int64_t n = W ? W : w;
+  // Local accumulators (acc is written once at the end): with W fixed they live in registers;
+  // accumulating into `acc` directly made the compiler store them back every iteration.
+  float loc[NR][W ? W : OC];
   for (int j = 0; j < NR; ++j)
-    for (int64_t o = 0; o < OC; ++o) acc[j][o] = 0.f;
+    for (int64_t o = 0; o < n; ++o) loc[j][o] = 0.f;
   for (int64_t r = r_lo; r < r_hi; ++r) {
     const T* brow = b + r * out;
     const float c0 = h[0][r];
@@ -82,26 +74,42 @@ inline void expand_block(const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
 #pragma omp simd
     for (int64_t o = 0; o < n; ++o) {
       const float bv = load(brow, o);
-      acc[0][o] += c0 * bv;
-      if constexpr (NR > 1) acc[1][o] += c1 * bv;
-      if constexpr (NR > 2) acc[2][o] += c2 * bv;
-      if constexpr (NR > 3) acc[3][o] += c3 * bv;
+      loc[0][o] += c0 * bv;
+      if constexpr (NR > 1) loc[1][o] += c1 * bv;
+      if constexpr (NR > 2) loc[2][o] += c2 * bv;
+      if constexpr (NR > 3) loc[3][o] += c3 * bv;
     }
   }
+  for (int j = 0; j < NR; ++j)
+    for (int64_t o = 0; o < n; ++o) acc[j][o] = loc[j][o];
 }
 
 template <typename T, int NR>
-inline void expand_any(const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
-                       const float* const* h, float (&acc)[RB][OC], int64_t w) {
-  if (w == OC)
-    expand_block<T, NR, OC>(b, out, r_lo, r_hi, h, acc, w);
-  else
-    expand_block<T, NR, 0>(b, out, r_lo, r_hi, h, acc, w);
+inline void tile_nr(const T* b, int64_t out, int64_t r_lo, int64_t r_hi, const float* const* h,
+                    float (&acc)[RB][OC], int64_t w) {
+  switch (w) {  // the common widths (ranks 16-64 and full column blocks) get fixed trip counts
+    case 16: expand_block<T, NR, 16>(b, out, r_lo, r_hi, h, acc, w); break;
+    case 32: expand_block<T, NR, 32>(b, out, r_lo, r_hi, h, acc, w); break;
+    case 48: expand_block<T, NR, 48>(b, out, r_lo, r_hi, h, acc, w); break;
+    case 64: expand_block<T, NR, 64>(b, out, r_lo, r_hi, h, acc, w); break;
+    default: expand_block<T, NR, 0>(b, out, r_lo, r_hi, h, acc, w);
+  }
+}
+
+template <typename T>
+inline void tile(int64_t nr, const T* b, int64_t out, int64_t r_lo, int64_t r_hi,
+                 const float* const* h, float (&acc)[RB][OC], int64_t w) {
+  switch (nr) {
+    case 1: tile_nr<T, 1>(b, out, r_lo, r_hi, h, acc, w); break;
+    case 2: tile_nr<T, 2>(b, out, r_lo, r_hi, h, acc, w); break;
+    case 3: tile_nr<T, 3>(b, out, r_lo, r_hi, h, acc, w); break;
+    default: tile_nr<T, 4>(b, out, r_lo, r_hi, h, acc, w);
+  }
 }
 
 // y[rows[j]] += B_s @ (A_s @ x[rows[j]]) for the rows of each segment g (slot seg_slot[g],
-// rows[seg[g]:seg[g+1]]). a: [S, R, in] (slot stride a_slot), bt: [S, R, out] (B transposed,
-// slot stride b_slot), the scale folded into B. Scratch: xf [n_rows, in], h [n_rows, R] floats.
+// rows[seg[g]:seg[g+1]]). a: A^T [S, in, R] (slot stride a_slot), bt: B^T [S, R, out] (slot
+// stride b_slot), the scale folded into B. Scratch: xf [n_rows, in], h [n_rows, R] floats.
 // chunks [n_chunks, 4] = (first column, width <= OC, r_lo, r_hi) cover the output columns; a
 // fused linear's B is block-diagonal (q/k/v or gate/up each own R / n_shards ranks), so each
 // column block reads only its shard's rank rows and skips the zeros.
@@ -110,7 +118,10 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
                const T* bt, int64_t b_slot, const int64_t* rows, const int64_t* seg,
                const int64_t* seg_slot, int64_t n_groups, int64_t R, int64_t in, int64_t out,
                const int64_t* chunks, int64_t n_chunks, float* xf, float* h, int threads) {
-  const int64_t n_rows = seg[n_groups], n_pairs = (R + 1) / 2;
+  const int64_t n_rows = seg[n_groups];
+  int64_t max_blocks = 0;
+  for (int64_t g = 0; g < n_groups; ++g)
+    max_blocks = std::max(max_blocks, (seg[g + 1] - seg[g] + RB - 1) / RB);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -120,28 +131,21 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
 #pragma omp simd
       for (int64_t k = 0; k < in; ++k) dst[k] = load(src, k);
     }
-    // shrink: one work item per (segment, pair of rank rows); each A row is read once per
-    // block of token rows, each x row once per pair (an odd R repeats its last rank row)
+    // shrink: one work item per (segment, block of RB token rows): h = x A^T, OC ranks at a time
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < n_groups * n_pairs; ++item) {
-      const int64_t g = item / n_pairs, r0 = (item % n_pairs) * 2, r1 = std::min(r0 + 1, R - 1);
-      const T* a0 = a + seg_slot[g] * a_slot + r0 * in;
-      const T* a1 = a + seg_slot[g] * a_slot + r1 * in;
-      for (int64_t j0 = seg[g]; j0 < seg[g + 1]; j0 += RB) {
-        const int64_t nr = std::min(RB, seg[g + 1] - j0);
-        const float* p[RB];
-        for (int64_t j = 0; j < nr; ++j) p[j] = xf + (j0 + j) * in;
-        float s[RB], t[RB];
-        switch (nr) {
-          case 1: shrink_block<T, 1>(a0, a1, p, in, s, t); break;
-          case 2: shrink_block<T, 2>(a0, a1, p, in, s, t); break;
-          case 3: shrink_block<T, 3>(a0, a1, p, in, s, t); break;
-          default: shrink_block<T, 4>(a0, a1, p, in, s, t);
-        }
-        for (int64_t j = 0; j < nr; ++j) {
-          h[(j0 + j) * R + r0] = s[j];
-          h[(j0 + j) * R + r1] = t[j];
-        }
+    for (int64_t item = 0; item < n_groups * max_blocks; ++item) {
+      const int64_t g = item / max_blocks, j0 = seg[g] + (item % max_blocks) * RB;
+      if (j0 >= seg[g + 1]) continue;
+      const int64_t nr = std::min(RB, seg[g + 1] - j0);
+      const float* p[RB];
+      for (int64_t j = 0; j < nr; ++j) p[j] = xf + (j0 + j) * in;
+      const T* at = a + seg_slot[g] * a_slot;
+      for (int64_t r0 = 0; r0 < R; r0 += OC) {
+        const int64_t w = std::min(OC, R - r0);
+        float acc[RB][OC];
+        tile(nr, at + r0, R, 0, in, p, acc, w);
+        for (int64_t j = 0; j < nr; ++j)
+          for (int64_t r = 0; r < w; ++r) h[(j0 + j) * R + r0 + r] = acc[j][r];
       }
     }
     // expand: one work item per (segment, column chunk); B's rows are read once per block
@@ -155,12 +159,7 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
         const float* hr[RB];
         for (int64_t j = 0; j < nr; ++j) hr[j] = h + (j0 + j) * R;
         float acc[RB][OC];
-        switch (nr) {
-          case 1: expand_any<T, 1>(bslot, out, r_lo, r_hi, hr, acc, w); break;
-          case 2: expand_any<T, 2>(bslot, out, r_lo, r_hi, hr, acc, w); break;
-          case 3: expand_any<T, 3>(bslot, out, r_lo, r_hi, hr, acc, w); break;
-          default: expand_any<T, 4>(bslot, out, r_lo, r_hi, hr, acc, w);
-        }
+        tile(nr, bslot, out, r_lo, r_hi, hr, acc, w);
         for (int64_t j = 0; j < nr; ++j) {
           const int64_t base = rows[j0 + j] * y_stride + o0;
 #pragma omp simd
@@ -178,12 +177,12 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
 // = the key positions [start, end) each sequence attends to. One work item per (sequence,
 // KV head): its G = Hq / Hk query heads share every K and V row they read. Scores live in
 // float32 scratch [threads, G * max_keys]; the softmax and both products run in float32.
-template <typename T>
+template <typename T, int64_t DC>  // DC: the head dim when fixed at compile time, else 0
 void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,
-                  int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,
+                  int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
                   const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,
                   float* scratch, int64_t max_keys, int threads) {
-  const int64_t G = Hq / Hk;
+  const int64_t G = Hq / Hk, D = DC ? DC : head_dim;
 #pragma omp parallel num_threads(threads)
   {
     float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
@@ -216,7 +215,7 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
         for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
-          sg[i] = std::exp(sg[i] - m);
+          sg[i] = exp_neg(sg[i] - m);
           sum += sg[i];
         }
         const float inv = 1.f / sum;
@@ -329,7 +328,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 4; }
+int tm_abi_version() { return 5; }
 
 void tm_lora_sgmv_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
                        const uint16_t* a, int64_t a_slot, const uint16_t* bt, int64_t b_slot,
@@ -356,8 +355,9 @@ void tm_lora_sgmv_f32(const float* x, int64_t x_stride, float* y, int64_t y_stri
             int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,               \
             const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,            \
             float* scratch, int64_t max_keys, int threads) {                                  \
-    paged_decode(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, bounds, B, Hq,  \
-                 Hk, scale, scratch, max_keys, threads);                                      \
+    auto f = D == 64 ? paged_decode<T, 64> : D == 128 ? paged_decode<T, 128> : paged_decode<T, 0>;  \
+    f(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, bounds, B, Hq, Hk, scale,    \
+      scratch, max_keys, threads);                                                            \
   }
 TM_PAGED_DECODE(tm_paged_decode_bf16, uint16_t)
 TM_PAGED_DECODE(tm_paged_decode_f32, float)
