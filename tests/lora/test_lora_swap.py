@@ -75,3 +75,24 @@ def test_load_and_unload_at_run_time(llm, adapter_dirs) -> None:
     eng.unload_adapter("copy")
     with pytest.raises(LookupError):
         eng.unload_adapter("copy")
+
+
+def test_cpu_steps_run_the_native_kernel_and_match_the_torch_path(llm, monkeypatch) -> None:
+    """The stacks the manager builds are in the native kernel's layout (so the oracle and
+    mixed-batch tests above exercise it), and its tokens equal the torch path's."""
+    from tokenmill.kernels.cpu import cpu_kernels
+    from tokenmill.lora import punica
+
+    kernel = cpu_kernels()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the native CPU kernels are not built")
+    eng = llm.engine
+    rows = [(i, a) for i in range(len(PROMPTS)) for a in ("qv4", "all8")]
+    calls: list[int] = []
+    monkeypatch.setattr(kernel, "lora_sgmv",
+                        lambda *a, f=kernel.lora_sgmv: calls.append(1) or f(*a))
+    native = run(eng, rows)
+    assert calls  # every LoRA linear of every step went through the kernel
+    monkeypatch.setattr(punica, "cpu_kernels", lambda: None)
+    calls.clear()
+    assert run(eng, rows) == native and not calls

@@ -44,9 +44,9 @@ class LoraLinear:
         self.batch = batch
         self.shards = shards
         self.fan_in = fan_in
-        # A [S, n_shards * rank, in] and B [S, out, n_shards * rank], each stored transposed
-        # ([S, in, R] and [S, R, out], views): the CPU kernel streams rows of A^T and B^T with
-        # broadcast FMAs, and the torch path's bmm takes them contiguous.
+        # A [S, n_shards * rank, in] and B [S, out, n_shards * rank]; on CPU each is stored
+        # transposed ([S, in, R] and [S, R, out], views): the native kernel streams rows of A^T
+        # and B^T with broadcast FMAs, and the torch path's bmm takes them contiguous.
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.chunks: torch.Tensor | None = None  # the CPU kernel's column blocks
@@ -59,9 +59,14 @@ class LoraLinear:
     def resize(self, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """(Re)allocate for `num_slots` slots of rank `rank`, keeping what is there."""
         n, out = len(self.shards), sum(rows for _, rows in self.shards)
-        a = torch.zeros(num_slots, self.fan_in, n * rank, dtype=dtype, device=device
-                        ).transpose(1, 2)
-        b = torch.zeros(num_slots, n * rank, out, dtype=dtype, device=device).transpose(1, 2)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        if device.type == "cpu":  # stored transposed: the layout the native kernel streams
+            a = zeros(num_slots, self.fan_in, n * rank).transpose(1, 2)
+            b = zeros(num_slots, n * rank, out).transpose(1, 2)
+        else:  # the Triton kernels' tiles read A's rows and B's rows contiguously
+            a, b = zeros(num_slots, n * rank, self.fan_in), zeros(num_slots, out, n * rank)
         self.chunks = lora_chunks([rows for _, rows in self.shards], n * rank)
         if self.a is not None and self.b is not None:
             s0, r0 = self.a.shape[0], self.a.shape[1] // n
