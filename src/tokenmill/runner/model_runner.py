@@ -18,6 +18,7 @@ import torch
 from tokenmill.engine.outputs import NewRequestData, RunnerOutput, ScheduledChunk, SchedulerOutput
 from tokenmill.guided.backend import GrammarBackend, GrammarMatcher
 from tokenmill.guided.bitmask import GrammarMasker, apply_bias_
+from tokenmill.kernels.cpu import cpu_kernels
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.lora.adapter import LoraAdapter
 from tokenmill.lora.manager import LoraManager
@@ -83,6 +84,8 @@ class ModelRunner:
         model.bind_kv_cache(self.kv_cache)
         self.sampler = Sampler(model.cfg.vocab_size, device, watermark)
         self.lora = LoraManager(model, device)  # costs nothing until an adapter is added
+        if device.type == "cpu":
+            cpu_kernels()  # build (or find cached) the native kernels now, not in a request
         self.states: dict[str, _ReqState] = {}
         # Constrained decoding: set by build_core; nothing is built until a request uses it.
         self.grammar: GrammarBackend | None = None
