@@ -289,3 +289,19 @@ def test_decode_softmax_exp_is_accurate_and_underflows_to_zero(gap: float) -> No
     else:
         assert 0.0 <= got <= 1e-37
     assert float(out[0, 0, 1:].abs().sum()) == 0.0
+
+
+@needs_compiler
+def test_rope_kv_refuses_a_position_outside_the_table() -> None:
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    rot = RotaryEmbedding(8, 16, 10000.0)
+    cos, sin = rot.tables(torch.float32)
+    qkv = torch.randn(2, 4 * 8)  # 2 query heads, 1 KV head
+    cache = torch.zeros(2, 1, 4, 4, 8)
+    before = qkv.clone()
+    with pytest.raises(IndexError, match="position 16"):
+        kernel.rope_kv(qkv, torch.tensor([3, 16]), cos, sin, cache, torch.tensor([0, 1]), 2)
+    assert torch.equal(qkv, before) and not cache.any()  # nothing written

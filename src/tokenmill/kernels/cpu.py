@@ -30,16 +30,16 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 5
+ABI_VERSION = 6
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I, _P, _P,
-              ctypes.c_int]
+_LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I,
+                         _P, _P, ctypes.c_int]
 _DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _I, _I, _I,
                            ctypes.c_float, _P, _I, ctypes.c_int]
 _NORM_ARGS: list[Any] = [_P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]
-_ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
+_ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int]
 MAX_DECODE_GROUP_DIM = 4096  # (query heads per KV head) x head_dim: the kernel's stack buffers
 
 
@@ -61,7 +61,7 @@ class CpuKernels:
             fn.argtypes, fn.restype = _NORM_ARGS, None
         self._rope = {torch.bfloat16: lib.tm_rope_kv_bf16, torch.float32: lib.tm_rope_kv_f32}
         for fn in self._rope.values():
-            fn.argtypes, fn.restype = _ROPE_ARGS, None
+            fn.argtypes, fn.restype = _ROPE_ARGS, ctypes.c_int64
 
     def supports_rope_kv(self, qkv: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor,
                          num_heads: int) -> bool:
@@ -77,16 +77,22 @@ class CpuKernels:
     def rope_kv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
                 num_heads: int) -> None:
-        """Rotate q and k of `qkv` in place and write k and v into the cache at `slots`."""
+        """Rotate q and k of `qkv` in place and write k and v into the cache at `slots`.
+        A position outside the tables raises IndexError before anything is written."""
         _, hk, n_blocks, bs, d = kv_cache.shape
-        assert positions.dtype == slots.dtype == torch.int64 and sin.is_contiguous()
-        assert positions.is_contiguous() and slots.is_contiguous()
+        positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64)
+        assert sin.shape == cos.shape and sin.is_contiguous() and slots.is_contiguous()
+        assert positions.shape == slots.shape == (qkv.shape[0],)
         head = n_blocks * bs * d
         k_ptr = kv_cache.data_ptr()
-        self._rope[qkv.dtype](qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, hk, d,
-                              positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_ptr,
-                              k_ptr + hk * head * kv_cache.element_size(), head,
-                              slots.data_ptr(), torch.get_num_threads())
+        bad = self._rope[qkv.dtype](qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, hk,
+                                    d, positions.data_ptr(), cos.shape[0], cos.data_ptr(),
+                                    sin.data_ptr(), k_ptr,
+                                    k_ptr + hk * head * kv_cache.element_size(), head,
+                                    slots.data_ptr(), torch.get_num_threads())
+        if bad >= 0:
+            raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
+                             f"({cos.shape[0]} positions)")
 
     def supports_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                       weight: torch.Tensor) -> bool:

@@ -328,7 +328,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 5; }
+int tm_abi_version() { return 6; }
 
 void tm_lora_sgmv_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
                        const uint16_t* a, int64_t a_slot, const uint16_t* bt, int64_t b_slot,
@@ -370,12 +370,17 @@ TM_PAGED_DECODE(tm_paged_decode_f32, float)
 TM_ADD_RMSNORM(tm_add_rmsnorm_bf16, uint16_t)
 TM_ADD_RMSNORM(tm_add_rmsnorm_f32, float)
 
+// Returns the index of the first position outside [0, n_positions) (nothing is written
+// then), or -1 when all are inside: the caller raises, as indexing the table in torch would.
 #define TM_ROPE_KV(NAME, T)                                                                   \
-  void NAME(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, int64_t D,      \
-            const int64_t* positions, const T* cos, const T* sin, T* kc, T* vc,               \
-            int64_t kv_head, const int64_t* slots, int threads) {                             \
+  int64_t NAME(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, int64_t D,   \
+               const int64_t* positions, int64_t n_positions, const T* cos, const T* sin,     \
+               T* kc, T* vc, int64_t kv_head, const int64_t* slots, int threads) {            \
+    for (int64_t t = 0; t < rows; ++t)                                                        \
+      if (positions[t] < 0 || positions[t] >= n_positions) return t;                          \
     rope_kv(qkv, qkv_stride, rows, Hq, Hk, D, positions, cos, sin, kc, vc, kv_head, slots,    \
             threads);                                                                         \
+    return -1;                                                                                \
   }
 TM_ROPE_KV(tm_rope_kv_bf16, uint16_t)
 TM_ROPE_KV(tm_rope_kv_f32, float)
