@@ -169,7 +169,9 @@ def test_long_segments_take_the_torch_path() -> None:
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hk", [(4, 4), (9, 3), (8, 1)])
-def test_paged_decode_matches_sdpa(dtype: torch.dtype, hq: int, hk: int) -> None:
+@pytest.mark.parametrize("d,bs", [(16, 4), (64, 16), (128, 16)])  # 64/128 x 16: 16-key tiles
+def test_paged_decode_matches_sdpa(dtype: torch.dtype, hq: int, hk: int, d: int,
+                                   bs: int) -> None:
     """Decode attention straight from a shuffled paged cache equals SDPA over each sequence's
     gathered keys, with full contexts and sliding-window ranges."""
     import torch.nn.functional as F
@@ -177,7 +179,7 @@ def test_paged_decode_matches_sdpa(dtype: torch.dtype, hq: int, hk: int) -> None
     kernel = cpu_kernels()
     assert kernel is not None
     g = torch.Generator().manual_seed(7)
-    d, bs, n_blocks = 16, 4, 40
+    n_blocks = 40
     cache = torch.randn(2, hk, n_blocks, bs, d, generator=g).to(dtype)
     bounds = [(0, 1), (0, 13), (5, 37), (0, 16)]  # (start, end): one key, partial blocks, window
     order = torch.randperm(n_blocks, generator=g).tolist()

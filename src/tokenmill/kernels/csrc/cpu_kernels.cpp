@@ -6,6 +6,9 @@
 // many such accumulators a loop carries), so a row's result does not depend on which other
 // requests share the step. tests/kernels/test_cpu_kernels.py checks this bit for bit.
 #include <omp.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -171,6 +174,50 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
 }
 
 
+
+#if defined(__AVX512BF16__)
+// 16 vectors of 16 floats -> one vector of their 16 sums (r[j] = sum of v[j]): pairwise
+// unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes; 24 shuffles and adds
+// for 16 sums instead of a horizontal sum (~8 ops) each.
+inline __m512 sum16(const __m512 (&v)[16]) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of one bfloat16 query row against rows j_lo..j_hi-1 (< 16) of a block of keys
+// (row stride DC): vdpbf16ps on the stored bfloat16 values, float32 sums, written to
+// out[j_lo..j_hi-1]. DC is a multiple of 32.
+template <int64_t DC>
+inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, int64_t j_hi,
+                          float* out) {
+  constexpr int NC = DC / 32;
+  __m512bh qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+  __m512 v[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    if (j >= j_lo && j < j_hi)
+      for (int c = 0; c < NC; ++c)
+        acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kb + j * DC + 32 * c));
+    v[j] = acc;
+  }
+  const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
+  _mm512_mask_storeu_ps(out, keep, sum16(v));
+}
+#endif
+
 // Decode attention straight from the paged cache: one query token per sequence, no gather.
 // q [B, Hq, D] (token stride q_tok, head stride D), out [B, Hq, D] contiguous; k/v caches
 // [Hk, n_blocks, bs, D] (head stride kv_head); tables [B, table_stride] block ids; bounds [B, 2]
@@ -199,14 +246,37 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(qrow, d) * scale;
       }
-      for (int64_t p = start; p < end; ++p) {
-        const T* krow = kh + (table[p / bs] * bs + p % bs) * D;
+#if defined(__AVX512BF16__)
+      // bfloat16 with a head dim of 64 or 128 and 16-key blocks: 16 scores at a time (the
+      // per-key horizontal sums were ~60% of the kernel); the scale is applied after.
+      constexpr bool fast_qk = sizeof(T) == 2 && DC % 32 == 0 && DC > 0;
+      if (fast_qk && bs == 16) {
         for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf + g * D;
-          float s = 0.f;
+          const uint16_t* qrow = reinterpret_cast<const uint16_t*>(q + b * q_tok + (h * G + g) * D);
+          for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+            const uint16_t* kb = reinterpret_cast<const uint16_t*>(kh + table[p0 / bs] * bs * D);
+            qk_block_bf16<DC ? DC : 32>(qrow, kb, std::max(p0, start) - p0,
+                                        std::min(p0 + bs, end) - p0,
+                                        sc + g * max_keys + (p0 - start));
+          }
+          float* sg = sc + g * max_keys;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) sg[i] *= scale;
+        }
+      } else
+#endif
+      // keys block by block: one table lookup (and division) per block, not per key
+      for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+        const T* kb = kh + table[p0 / bs] * bs * D;
+        for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
+          const T* krow = kb + (p - p0) * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf + g * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
-          sc[g * max_keys + (p - start)] = s;
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
+            sc[g * max_keys + (p - start)] = s;
+          }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -223,13 +293,16 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
         for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
       }
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
-      for (int64_t p = start; p < end; ++p) {
-        const T* vrow = vh + (table[p / bs] * bs + p % bs) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = sc[g * max_keys + (p - start)];
-          float* __restrict ag = acc + g * D;
+      for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+        const T* vb = vh + table[p0 / bs] * bs * D;
+        for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
+          const T* vrow = vb + (p - p0) * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = sc[g * max_keys + (p - start)];
+            float* __restrict ag = acc + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += w * load(vrow, d);
+            for (int64_t d = 0; d < D; ++d) ag[d] += w * load(vrow, d);
+          }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
