@@ -30,3 +30,14 @@ def test_engine_takes_its_cores_and_sizes_its_threads_from_them() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**env, "OMP_NUM_THREADS": "1"}).stdout.split()
     assert out[-1] == "1"
+
+
+def test_engine_cores_travel_in_the_child_environment_only() -> None:
+    """The launcher hands the engine's share to the engine process's environment; its own
+    environment is left as it was."""
+    from tokenmill.frontend.mp_client import _child_env
+
+    before = dict(os.environ)
+    assert _child_env({3, 1, 2})[ENGINE_CPUS_ENV] == "1,2,3"
+    assert _child_env(None).get(ENGINE_CPUS_ENV) == os.environ.get(ENGINE_CPUS_ENV)
+    assert dict(os.environ) == before

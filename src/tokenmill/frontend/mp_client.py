@@ -97,11 +97,16 @@ def _load_frontend(config: EngineConfig) -> tuple[Tokenizer, list[int]]:
     return tokenizer, eos_token_ids(source.generation_config(), source.config(), tokenizer)
 
 
-def _child_env() -> dict[str, str]:
-    """The child must import this very tokenmill, installed or not."""
+def _child_env(engine_cpus: set[int] | None = None) -> dict[str, str]:
+    """The child must import this very tokenmill, installed or not; `engine_cpus`: the cores
+    it should run on (`engine/proc.split_cores`), passed as `TOKENMILL_ENGINE_CPUS`."""
+    from tokenmill.engine.proc import ENGINE_CPUS_ENV
+
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if engine_cpus:
+        env[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine_cpus)))
     return env
 
 
@@ -197,8 +202,10 @@ class MPAsyncLLM:
 
     # ---- start-up ---------------------------------------------------------------------------
     @classmethod
-    async def start(cls, config: EngineConfig, *, startup_timeout: float = 600.0) -> MPAsyncLLM:
-        """Launch the engine process, load the tokenizer here meanwhile, wait for `Ready`.
+    async def start(cls, config: EngineConfig, *, startup_timeout: float = 600.0,
+                    engine_cpus: set[int] | None = None) -> MPAsyncLLM:
+        """Launch the engine process (on `engine_cpus` when given), load the tokenizer here
+        meanwhile, wait for `Ready`.
 
         Raises `EngineLoadError` (a `ModelLoadError`) when the engine cannot load the model,
         `EngineStartError` when it exits or stays silent past `startup_timeout`; the child
@@ -213,7 +220,7 @@ class MPAsyncLLM:
         try:
             # Its own session: a terminal's Ctrl-C reaches only this process, which then shuts
             # the engine down in order; the engine exits by itself if this process dies.
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env(),
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_child_env(engine_cpus),
                                     start_new_session=True)
         except BaseException:
             ch.close()

@@ -49,8 +49,7 @@ async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
         else:
             from tokenmill.frontend.mp_client import MPAsyncLLM
 
-            _pin_api_process()
-            engine = await MPAsyncLLM.start(engine_cfg)
+            engine = await MPAsyncLLM.start(engine_cfg, engine_cpus=_pin_api_process())
     except Exception as e:  # the model could not load: nothing to serve
         logger.error("engine failed to start: %s", e)
         state.fatal = str(e)
@@ -71,21 +70,21 @@ async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
                 state.limits.max_total_tokens if state.limits else -1)
 
 
-def _pin_api_process() -> None:
-    """Keep this process off the engine's cores (on machines with 4 or more); the engine
-    process, started next, reads its share from the environment."""
-    from tokenmill.engine.proc import ENGINE_CPUS_ENV, split_cores
+def _pin_api_process() -> set[int] | None:
+    """Keep this process off the engine's cores (on machines with 4 or more); returns the
+    engine's share, for the engine process started next (None: both share every core)."""
+    from tokenmill.engine.proc import split_cores
 
     try:
         cores = os.sched_getaffinity(0)
     except (AttributeError, OSError):
-        return
+        return None
     api, engine = split_cores(cores)
     if api == engine:
-        return
-    os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(engine)))
+        return None
     os.sched_setaffinity(0, api)
     logger.info("cores: API process %s, engine %s", sorted(api), sorted(engine))
+    return engine
 
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
