@@ -403,25 +403,16 @@ extern "C" {
 
 int tm_abi_version() { return 6; }
 
-void tm_lora_sgmv_bf16(const uint16_t* x, int64_t x_stride, uint16_t* y, int64_t y_stride,
-                       const uint16_t* a, int64_t a_slot, const uint16_t* bt, int64_t b_slot,
-                       const int64_t* rows, const int64_t* seg, const int64_t* seg_slot,
-                       int64_t n_groups, int64_t R, int64_t in, int64_t out,
-                       const int64_t* chunks, int64_t n_chunks, float* xf, float* h,
-                       int threads) {
-  lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, R,
-            in, out, chunks, n_chunks, xf, h, threads);
-}
-
-void tm_lora_sgmv_f32(const float* x, int64_t x_stride, float* y, int64_t y_stride,
-                      const float* a, int64_t a_slot, const float* bt, int64_t b_slot,
-                      const int64_t* rows, const int64_t* seg, const int64_t* seg_slot,
-                      int64_t n_groups, int64_t R, int64_t in, int64_t out,
-                      const int64_t* chunks, int64_t n_chunks, float* xf, float* h,
-                      int threads) {
-  lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, R,
-            in, out, chunks, n_chunks, xf, h, threads);
-}
+#define TM_LORA_SGMV(NAME, T)                                                                 \
+  void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \
+            const T* bt, int64_t b_slot, const int64_t* rows, const int64_t* seg,             \
+            const int64_t* seg_slot, int64_t n_groups, int64_t R, int64_t in, int64_t out,    \
+            const int64_t* chunks, int64_t n_chunks, float* xf, float* h, int threads) {      \
+    lora_sgmv(x, x_stride, y, y_stride, a, a_slot, bt, b_slot, rows, seg, seg_slot, n_groups, \
+              R, in, out, chunks, n_chunks, xf, h, threads);                                  \
+  }
+TM_LORA_SGMV(tm_lora_sgmv_bf16, uint16_t)
+TM_LORA_SGMV(tm_lora_sgmv_f32, float)
 
 #define TM_PAGED_DECODE(NAME, T)                                                              \
   void NAME(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,     \
