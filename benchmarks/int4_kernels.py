@@ -1,6 +1,7 @@
-"""`--quantize int4` on its own: aten's packed int4 kernel against the bfloat16 matmul on
-SmolLM2's layer shapes (µs per call, one process), and how often each LM-head quantization picks
-the unquantized head's top token (teacher-forced positions of a few texts, float32).
+"""`--quantize int4` and `w4a8` on their own: aten's packed int4 kernel and the native int4 x
+int8 kernel against the bfloat16 matmul on SmolLM2's layer shapes (µs per call, one process),
+and how often each LM-head quantization picks the unquantized head's top token
+(teacher-forced positions of a few texts, float32).
 
     .venv/bin/python benchmarks/int4_kernels.py
 """
@@ -15,7 +16,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import TorchPagedAttention
-from tokenmill.layers.quant import Int4ResidualWeight, Int4Weight
+from tokenmill.layers.quant import Int4Weight, QuantWeight, ResidualWeight, W4A8Weight
 from tokenmill.runner.loading import load_model
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536),
@@ -36,15 +37,19 @@ def timed(fn: Callable[[], object], n: int = 50) -> float:
 
 
 def kernels() -> None:
-    print("| weight | N x K | rows | bf16 us | int4 us | bf16 / int4 |\n|---|---|---|---:|---:|---:|")
+    print("| weight | N x K | rows | bf16 us | int4 us | w4a8 us | bf16 / int4 | bf16 / w4a8 |"
+          "\n|---|---|---|---:|---:|---:|---:|---:|")
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
         q, _ = Int4Weight.quantize(w, torch.bfloat16)
+        q8, _ = W4A8Weight.quantize(w, torch.bfloat16)
         for rows in (1, 4, 8, 16, 32):
             x = torch.randn(rows, k, dtype=torch.bfloat16)
             tb = timed(lambda: torch.nn.functional.linear(x, w))  # noqa: B023
             ti = timed(lambda: q.matmul(x))  # noqa: B023
-            print(f"| {name} | {n} x {k} | {rows} | {tb:.0f} | {ti:.0f} | {tb / ti:.2f}x |")
+            t8 = timed(lambda: q8.matmul(x))  # noqa: B023
+            print(f"| {name} | {n} x {k} | {rows} | {tb:.0f} | {ti:.0f} | {t8:.0f} "
+                  f"| {tb / ti:.2f}x | {tb / t8:.2f}x |")
 
 
 def head_agreement() -> None:
@@ -63,13 +68,18 @@ def head_agreement() -> None:
             hidden.append(model(torch.tensor(ids), torch.arange(len(ids)), meta))
         h, w = torch.cat(hidden), model.lm_head.weight
         ref = h @ w.t()
-        for kind in (Int4Weight, Int4ResidualWeight):
-            _, deq = kind.quantize(w, torch.float32)
-            logits = h @ deq.t()
+        heads: dict[str, QuantWeight] = {
+            "int4": Int4Weight.quantize(w, torch.float32)[0],
+            "int4 + int4 residual": ResidualWeight.quantize(w, torch.float32)[0],
+            "w4a8 (int4 + residual, int8 activations)":
+                ResidualWeight.quantize(w, torch.float32, W4A8Weight)[0],
+        }
+        for name, head in heads.items():
+            logits = head.matmul(h)
             top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
             kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1),
                                             log_target=True, reduction="batchmean").item()
-            print(f"LM head {kind.__name__}: {h.shape[0]} positions, top-1 agreement "
+            print(f"LM head {name}: {h.shape[0]} positions, top-1 agreement "
                   f"{top1:.0%}, KL {kl:.4f}")
 
 

@@ -22,8 +22,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=_env_default("--device", str, "auto"))
     g.add_argument("--quantize", default=_env_default("--quantize", str, None),
                    choices=list(QUANTIZE_METHODS),
-                   help="weight-only quantization at load: int4 (CPU; groups of 32, exact for "
-                        "Q4_0/Q4_1 GGUF weights) speeds up small-batch decode")
+                   help="quantization at load (CPU), for small-batch decode: int4 (weights in "
+                        "groups of 32, exact for Q4_0/Q4_1 GGUF weights, bf16 activations); "
+                        "w4a8 (the same weights, activations rounded to int8 per group of 32 "
+                        "as llama.cpp does; faster, native kernel)")
     g.add_argument("--max-batch-total-tokens", type=int,
                    default=_env_default("--max-batch-total-tokens", int, None),
                    help="KV cache size in tokens (default: a fraction of free memory)")

@@ -44,7 +44,7 @@ class SchedulerConfig:
             raise ValueError("max_active_adapters must be at least 1")
 
 
-QUANTIZE_METHODS = ("int4",)  # --quantize values (layers/quant.py implements them)
+QUANTIZE_METHODS = ("int4", "w4a8")  # --quantize values (layers/quant.py implements them)
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
-"""Weight-only quantization (--quantize int4): the packed kernels against their dequantized
-reference, exactness for GGUF Q4_1 blocks, and whole models with every fast path on."""
+"""Weight-only quantization (--quantize int4 / w4a8): the packed kernels against their
+dequantized reference, exactness for GGUF Q4_1 blocks, and whole models with every fast path
+on. The w4a8 kernel itself is tested in tests/kernels/test_w4a8.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.layers import linear as linear_mod
 from tokenmill.layers.attention import TorchPagedAttention
-from tokenmill.layers.quant import QUANT_MAX_ROWS, Int4ResidualWeight, Int4Weight, quantize_model
+from tokenmill.layers.quant import Int4Weight, ResidualWeight, W4A8Weight, quantize_model
 from tokenmill.loader import ModelLoadError
 from tokenmill.runner.loading import load_model
 
@@ -36,7 +37,7 @@ def test_q4_1_blocks_requantize_exactly() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", [Int4Weight, Int4ResidualWeight])
+@pytest.mark.parametrize("kind", [Int4Weight, ResidualWeight])
 def test_kernel_equals_its_dequantized_reference(kind: type, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(48, 128, generator=gen)
@@ -49,7 +50,7 @@ def test_kernel_equals_its_dequantized_reference(kind: type, dtype: torch.dtype)
     assert torch.equal(ref[5], torch.zeros(128))
     if kind is Int4Weight and dtype == torch.float32:
         torch.testing.assert_close(ref[3, :32], w[3, :32])
-    for rows in (1, 3, QUANT_MAX_ROWS):
+    for rows in (1, 3, Int4Weight.max_rows):
         x = torch.randn(rows, 128, generator=gen).to(dtype)
         atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (0.15, 2e-2)  # bf16 outputs
         torch.testing.assert_close(qw.matmul(x).float(), x.float() @ ref.t(), atol=atol, rtol=rtol)
@@ -64,19 +65,22 @@ def test_shapes_the_kernel_cannot_take_are_refused() -> None:
         ModelConfig(quantize="nf4")
 
 
+@pytest.mark.parametrize("method", ["int4", "w4a8"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied head / tied head with biases
 def test_tiny_model_quantized_paths_equal_dequantized_reference(
-        arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        arch: str, method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("transformers")
     from models.test_model_parity import make_tiny
 
     make_tiny(arch, tmp_path)
     plain = load_model(ModelConfig(model_id=str(tmp_path), dtype="float32")).model
-    lm = load_model(ModelConfig(model_id=str(tmp_path), dtype="float32", quantize="int4"))
+    lm = load_model(ModelConfig(model_id=str(tmp_path), dtype="float32", quantize=method))
     model = lm.model
+    kind = Int4Weight if method == "int4" else W4A8Weight
     linears = [m for m in model.modules() if isinstance(m, linear_mod.Linear)]
-    assert linears and all(m.quant is not None for m in linears)
-    assert isinstance(model.lm_head.quant, Int4ResidualWeight)
+    assert linears and all(isinstance(m.quant, kind) for m in linears if m is not model.lm_head)
+    assert isinstance(model.lm_head.quant, ResidualWeight)
+    assert isinstance(model.lm_head.quant.main, kind)
     # The weights really changed (to their dequantized int4 values), not by much.
     w0, w1 = plain.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight
     assert 0 < (w0 - w1).abs().max() < 0.05
@@ -98,9 +102,13 @@ def test_tiny_model_quantized_paths_equal_dequantized_reference(
         return torch.cat(out)
 
     fast = logits(model)
-    monkeypatch.setattr(linear_mod, "QUANT_MAX_ROWS", -1)  # every matmul on the dequantized weight
+    monkeypatch.setattr(kind, "max_rows", -1)  # every matmul on the dequantized weight
     reference = logits(model)
-    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+    if method == "int4":
+        torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+    else:  # the activations are rounded to int8 per group of 32: close, not equal
+        assert 0 < (fast - reference).abs().max() < 0.02 * reference.abs().max()
+        assert torch.equal(fast.argmax(-1), reference.argmax(-1))
     # ... and the quantized model stays close to the original one.
     assert (fast - logits(plain)).abs().max() < 0.5
 

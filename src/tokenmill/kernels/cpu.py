@@ -27,10 +27,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("cpu_kernels.cpp", "w4a8.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 6
+ABI_VERSION = 7
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -40,6 +41,8 @@ _DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _I, _I, _
                            ctypes.c_float, _P, _I, ctypes.c_int]
 _NORM_ARGS: list[Any] = [_P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]
 _ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int]
+_W4A8_ARGS: list[Any] = [_P, _I, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int]
+W4A8_GROUP, W4A8_TILE = 32, 16  # K group (weights and activations), output rows per tile
 MAX_DECODE_GROUP_DIM = 4096  # (query heads per KV head) x head_dim: the kernel's stack buffers
 
 
@@ -62,6 +65,29 @@ class CpuKernels:
         self._rope = {torch.bfloat16: lib.tm_rope_kv_bf16, torch.float32: lib.tm_rope_kv_f32}
         for fn in self._rope.values():
             fn.argtypes, fn.restype = _ROPE_ARGS, ctypes.c_int64
+        self._w4a8 = {torch.bfloat16: lib.tm_w4a8_matmul_bf16,
+                      torch.float32: lib.tm_w4a8_matmul_f32}
+        for fn in self._w4a8.values():
+            fn.argtypes, fn.restype = _W4A8_ARGS, None
+        self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
+
+    def supports_w4a8(self, x: torch.Tensor) -> bool:
+        """x [M, K]: rows contiguous, of a CPU dtype the kernel knows, K a multiple of 32."""
+        return (x.dtype in self._w4a8 and x.device.type == "cpu" and x.dim() == 2
+                and x.stride(1) == 1 and x.shape[1] % W4A8_GROUP == 0)
+
+    def w4a8_matmul(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
+                    ) -> torch.Tensor:
+        """x [M, K] @ W^T -> [M, N] in x's dtype, x quantized to int8 per group of 32 on the
+        way (see the C++ source). packed uint8 [N/16, K/32, 256] and scales bfloat16
+        [N/16, K/32, 16, 2], contiguous, as `W4A8Weight.pack` lays them out (checked there:
+        this runs ~120 times a decode step)."""
+        m, k = x.shape
+        n = packed.shape[0] * W4A8_TILE
+        y = torch.empty(m, n, dtype=x.dtype)
+        self._w4a8[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
+                            scales.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+        return y
 
     def supports_rope_kv(self, qkv: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor,
                          num_heads: int) -> bool:
@@ -211,21 +237,24 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout.splitlines()[:1]
-    h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (compiler, *version, *FLAGS, _cpu_flags(), str(ABI_VERSION)):
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    for part in (compiler, *version, *flags, _cpu_flags(), str(ABI_VERSION)):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
 
-def build(cache_root: Path | None = None) -> Path:
-    """Compile the kernels (or find them cached) and return the library's path."""
+def build(cache_root: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile the kernels (or find them cached) and return the library's path. Tests pass
+    other `flags` to build the portable (no AVX-512) variants."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    folder = (cache_root or _cache_root()) / _build_key(compiler)
+    folder = (cache_root or _cache_root()) / _build_key(compiler, flags)
     lib = folder / "libtokenmill_cpu.so"
     if lib.exists():
         return lib
@@ -234,8 +263,8 @@ def build(cache_root: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=BUILD_TIMEOUT_S)
+        proc = subprocess.run([compiler, *flags, "-o", tmp, *map(str, SOURCES)],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)

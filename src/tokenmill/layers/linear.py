@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.layers.quant import QUANT_MAX_ROWS, QuantWeight
+from tokenmill.layers.quant import QuantWeight
 
 if TYPE_CHECKING:
     from tokenmill.lora.manager import LoraLinear
@@ -45,7 +45,7 @@ class Linear(nn.Module):
         raise KeyError(f"unknown shard {shard!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is not None and x.dim() == 2 and x.shape[0] <= QUANT_MAX_ROWS:
+        if self.quant is not None and x.dim() == 2 and x.shape[0] <= self.quant.max_rows:
             y = self.quant.matmul(x)  # few rows: weight bytes dominate, read fewer of them
             if self.bias is not None:
                 y += self.bias

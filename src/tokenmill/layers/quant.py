@@ -1,46 +1,77 @@
-"""Weight-only quantization for CPU decode (`--quantize int4`), on aten's packed kernels.
+"""Weight-only quantization for CPU decode (`--quantize int4`, `--quantize w4a8`).
 
-- Decoder linears: int4, asymmetric, in groups of 32 along the input dim
-  (`_weight_int4pack_mm_for_cpu`). A group w is stored as q in 0..15 with w ≈ (q - 8)·s + z,
-  s = (max - min)/15 and z = min + 8·s. That is GGUF's Q4_1 block (w = q·d + m) with s = d and
-  z = m + 8·d, so a Q4_1 checkpoint, dequantized at load, re-quantizes to the very blocks it
-  was stored as.
+- Decoder linears: int4, asymmetric, in groups of 32 along the input dim. A group w is stored
+  as q in 0..15 with w ≈ (q - 8)·s + z, s = (max - min)/15 and z = min + 8·s. That is GGUF's
+  Q4_1 block (w = q·d + m) with s = d and z = m + 8·d, so a Q4_1 checkpoint, dequantized at
+  load, re-quantizes to the very blocks it was stored as.
 - The LM head: int4 plus an int4 residual, about 8-bit accuracy. It is the layer most
   sensitive to rounding: on 68 positions of SmolLM2 a plain int4 head picked the unquantized
   head's top token 84% of the time, per-row int8 97%, int4 + residual 100%; GGUFs keep it at
   8 bits (SmolLM2's is Q8_0). aten's int8 kernel (`_weight_int8pack_mm`) is slower than two
   int4 passes.
 
-Decode steps (few rows) read 4x (the head 2x) fewer weight bytes than bfloat16 and run
-faster; at many rows the bfloat16 matmul wins (shared/notes/ecosystem.md §5), so the layer keeps
-a full-precision weight and `Linear.forward` picks by row count (`QUANT_MAX_ROWS`). That weight
-is overwritten with the dequantized one, so prefill and decode use the same weights and the
-quantized model is exactly its dequantized reference."""
+`int4` multiplies bfloat16 activations on aten's packed kernel
+(`_weight_int4pack_mm_for_cpu`). Decode steps (few rows) read 4x (the head 2x) fewer weight
+bytes than bfloat16 and run faster; at many rows the bfloat16 matmul wins
+(shared/notes/ecosystem.md §5), so the layer keeps a full-precision weight and
+`Linear.forward` picks by row count (`max_rows`). That weight is overwritten with the
+dequantized one, so prefill and decode use the same weights and the quantized model is
+exactly its dequantized reference.
+
+`w4a8` has the same weights but also quantizes the activations, per row and group of 32, to
+int8 (llama.cpp's Q4_1 x Q8_1 arithmetic), and multiplies with integer dot products in a
+native kernel (kernels/csrc/w4a8.cpp): a different, slightly less exact numerics, so opt-in.
+"""
 
 from __future__ import annotations
 
 import abc
+import logging
 
 import torch
 
 from tokenmill.config import QUANTIZE_METHODS
+from tokenmill.kernels.cpu import W4A8_GROUP, W4A8_TILE, CpuKernels, cpu_kernels
+
+logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32
-# Rows up to which the packed kernels beat the bfloat16 matmul (SmolLM2's shapes, 2 threads:
-# int4 is ~2-2.7x faster at 1 row, ~1.5x at 4, 0.6-0.8x at 16).
-QUANT_MAX_ROWS = 8
+assert GROUP_SIZE == W4A8_GROUP
 
 
 class QuantWeight(abc.ABC):
     out_features: int
     in_features: int
+    max_rows: int  # steps of more rows use the dequantized weight (`Linear.forward`)
 
     @abc.abstractmethod
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W^T [M, N] with the dequantized W (x in the activation dtype)."""
 
 
+def int4_groups(weight: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q int32 [N, K] in 0..15, (s, z) [N, K/32, 2] in `dtype`, and the dequantized reference
+    [N, K] float32: the formula applied to q and the scales as rounded to `dtype`."""
+    n, k = weight.shape
+    if k % GROUP_SIZE or n % 16:
+        raise ValueError(f"int4: weight {tuple(weight.shape)} needs in_features % "
+                         f"{GROUP_SIZE} == 0 and out_features % 16 == 0")
+    w = weight.detach().float().view(n, k // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    s = (hi - lo) / 15
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: every q is 0
+    q = ((w - lo) / safe).round_().clamp_(0, 15)
+    sz = torch.cat([s, lo + 8 * s], -1).to(dtype)  # [N, K/32, 2]
+    reference = ((q - 8) * sz[..., :1].float() + sz[..., 1:].float()).view(n, k)
+    return q.to(torch.int32).view(n, k), sz, reference
+
+
 class Int4Weight(QuantWeight):
+    # Rows up to which aten's kernel beats the bfloat16 matmul (SmolLM2's shapes, 2 threads:
+    # ~2-2.7x faster at 1 row, ~1.5x at 4, 0.6-0.8x at 16).
+    max_rows = 8
+
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor) -> None:
         self.packed = packed  # aten's CPU int4 layout of q [N, K]
         self.scales_zeros = scales_zeros  # [K / 32, N, 2]: (s, z) per group, activation dtype
@@ -49,40 +80,92 @@ class Int4Weight(QuantWeight):
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[Int4Weight, torch.Tensor]:
-        """The packed weight, and its dequantized reference [N, K] float32: the formula applied
-        to q and the scales as rounded to `dtype`, what the kernel should multiply by."""
-        n, k = weight.shape
-        if k % GROUP_SIZE or n % 16:
-            raise ValueError(f"int4: weight {tuple(weight.shape)} needs in_features % "
-                             f"{GROUP_SIZE} == 0 and out_features % 16 == 0")
-        w = weight.detach().float().view(n, k // GROUP_SIZE, GROUP_SIZE)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        s = (hi - lo) / 15
-        safe = torch.where(s > 0, s, torch.ones_like(s))  # a constant group: every q is 0
-        q = ((w - lo) / safe).round_().clamp_(0, 15)
-        sz = torch.cat([s, lo + 8 * s], -1).to(dtype)  # [N, K/32, 2]
-        reference = ((q - 8) * sz[..., :1].float() + sz[..., 1:].float()).view(n, k)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(n, k), 2)
+        """The packed weight, and its dequantized reference [N, K] float32 (`int4_groups`),
+        what the kernel should multiply by."""
+        q, sz, reference = int4_groups(weight, dtype)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
         return cls(packed, sz.transpose(0, 1).contiguous()), reference
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_zeros)
 
 
-class Int4ResidualWeight(QuantWeight):
-    """int4 of the weight plus int4 of what that leaves (two passes of the int4 kernel): about
-    8-bit accuracy at half the time of aten's int8 kernel (SmolLM2's head, 1 row: 1.7 ms
-    against 3.2 ms; bfloat16 4.3 ms)."""
+class W4A8Weight(QuantWeight):
+    """The int4 groups repacked for the native int4 x int8 kernel (`CpuKernels.w4a8_matmul`);
+    the scales are bfloat16 whatever the model's dtype."""
 
-    def __init__(self, main: Int4Weight, rest: Int4Weight) -> None:
-        self.main, self.rest = main, rest
-        self.in_features, self.out_features = main.in_features, main.out_features
+    max_rows = 8
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, kernels: CpuKernels) -> None:
+        tiles, groups, size = packed.shape
+        assert packed.dtype == torch.uint8 and size == W4A8_TILE * GROUP_SIZE // 2
+        assert scales.dtype == torch.bfloat16 and scales.shape == (tiles, groups, W4A8_TILE, 2)
+        self.packed, self.scales = packed.contiguous(), scales.contiguous()
+        self.kernels = kernels
+        self.out_features, self.in_features = tiles * W4A8_TILE, groups * GROUP_SIZE
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: torch.dtype
-                 ) -> tuple[Int4ResidualWeight, torch.Tensor]:
-        main, ref_main = Int4Weight.quantize(weight, dtype)
-        rest, ref_rest = Int4Weight.quantize(weight.detach().float() - ref_main, dtype)
+                 ) -> tuple[W4A8Weight, torch.Tensor]:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("w4a8 needs the native CPU kernels (a C++ compiler)")
+        q, sz, reference = int4_groups(weight, torch.bfloat16)
+        return cls(*cls.pack(q, sz), kernels), reference
+
+    @staticmethod
+    def pack(q: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [N, K] in 0..15 and (s, z) [N, K/32, 2] -> the kernel's layout (see its source):
+        uint8 [N/16, K/32, 256] where byte (j, r, i) holds k = 4j + i of row r in its low
+        nibble and k = 16 + 4j + i in its high one, and bfloat16 [N/16, K/32, 16, 2]."""
+        n, k = q.shape
+        t, g = n // W4A8_TILE, k // GROUP_SIZE
+        v = q.to(torch.uint8).view(t, W4A8_TILE, g, 2, 4, 4)  # tile, r, group, half, j, i
+        v = v.permute(0, 2, 4, 1, 5, 3)  # tile, group, j, r, i, half
+        packed = (v[..., 0] | (v[..., 1] << 4)).reshape(t, g, W4A8_TILE * GROUP_SIZE // 2)
+        scales = sz.to(torch.bfloat16).view(t, W4A8_TILE, g, 2).permute(0, 2, 1, 3)
+        return packed.contiguous(), scales.contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # Cheap checks only (~120 calls a decode step); the layers are CPU-only (load_model).
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"w4a8: cannot multiply {tuple(x.shape)} by "
+                             f"[{self.out_features}, {self.in_features}]^T")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        return self.kernels.w4a8_matmul(x, self.packed, self.scales)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The w4a8 kernel's activation rounding in torch (for tests and references): x [M, K] ->
+    (a8 [M, K] float32 integers in -127..127, d [M, K/32] float32), x ≈ a8 · d per group."""
+    m, k = x.shape
+    xf = x.float().view(m, k // GROUP_SIZE, GROUP_SIZE)
+    d = xf.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    a8 = (xf * inv.unsqueeze(-1)).round().clamp(-127, 127)
+    return a8.view(m, k), d
+
+
+class ResidualWeight(QuantWeight):
+    """int4 of the weight plus int4 of what that leaves (two passes of the kernel): about
+    8-bit accuracy at half the time of aten's int8 kernel (SmolLM2's head, 1 row: 1.7 ms
+    against 3.2 ms; bfloat16 4.3 ms)."""
+
+    def __init__(self, main: QuantWeight, rest: QuantWeight) -> None:
+        self.main, self.rest = main, rest
+        self.in_features, self.out_features = main.in_features, main.out_features
+
+    @property
+    def max_rows(self) -> int:  # type: ignore[override]  # the main pass's (tests patch it)
+        return self.main.max_rows
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype,
+                 kind: type[Int4Weight] | type[W4A8Weight] = Int4Weight
+                 ) -> tuple[ResidualWeight, torch.Tensor]:
+        main, ref_main = kind.quantize(weight, dtype)
+        rest, ref_rest = kind.quantize(weight.detach().float() - ref_main, dtype)
         return cls(main, rest), ref_main + ref_rest
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +174,18 @@ class Int4ResidualWeight(QuantWeight):
 
 def quantize_model(model: torch.nn.Module, method: str, dtype: torch.dtype) -> int:
     """Quantize every eligible `Linear` of a loaded model in place (int4, the LM head int4 with
-    an int4 residual);
-    returns how many layers were quantized. CPU only."""
+    an int4 residual); returns how many layers were quantized. CPU only. w4a8 without the
+    native kernels (no compiler) falls back to int4, with a warning."""
     from tokenmill.layers.linear import Linear
 
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"unknown quantization {method!r}; available: {QUANTIZE_METHODS}")
+    kind: type[Int4Weight] | type[W4A8Weight] = Int4Weight
+    if method == "w4a8":
+        if cpu_kernels() is not None:
+            kind = W4A8Weight
+        else:
+            logger.warning("--quantize w4a8 needs the native CPU kernels; using int4")
     n = 0
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or module.weight.device.type != "cpu":
@@ -104,8 +193,10 @@ def quantize_model(model: torch.nn.Module, method: str, dtype: torch.dtype) -> i
         k, rows = module.in_features, module.out_features
         if k % GROUP_SIZE or rows % 16:
             continue  # an odd shape stays in full precision
-        kind = Int4ResidualWeight if name == "lm_head" else Int4Weight
-        module.quant, reference = kind.quantize(module.weight, dtype)
+        if name == "lm_head":
+            module.quant, reference = ResidualWeight.quantize(module.weight, dtype, kind)
+        else:
+            module.quant, reference = kind.quantize(module.weight, dtype)
         with torch.no_grad():  # tied LM head: the embedding takes the dequantized values too
             module.weight.copy_(reference)
         n += 1

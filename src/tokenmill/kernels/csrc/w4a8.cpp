@@ -1,0 +1,222 @@
+// int4 weights x int8 activations (`--quantize w4a8`): the arithmetic of llama.cpp's
+// Q4_1 x Q8_1 dot products, built by tokenmill/kernels/cpu.py into the same library as
+// cpu_kernels.cpp.
+//
+// Weights: groups of 32 along K, w = (q - 8) * s + z with q in 0..15 and s, z bfloat16
+// (layers/quant.py). Activations: each row's groups of 32 are quantized on the fly to
+// a = d * a8 with d = max|x| / 127 and a8 = round-half-even(x * (1 / d)) in -127..127. Then
+//   sum_k w_k a_k = d * (s * (sum_k q_k a8_k - 8 * sum_k a8_k) + z * sum_k a8_k)
+// and the integer sums are exact: AVX-512 VNNI's vpdpbusd multiplies 64 unsigned q by 64 signed
+// a8 per instruction, 4x the products of a bfloat16 dot product, from half-byte weights that
+// need only a mask and a shift to unpack.
+//
+// Packed layout (W4A8Weight.pack): tiles of 16 output rows; per tile and group 256 bytes,
+// 4 vectors of 64 = [row r][4 consecutive k] bytes, vector j holding k-quad j of the group in
+// its low nibbles and quad j + 4 in its high ones; then the scales as [tile][group][row](s, z)
+// bfloat16 pairs, 64 bytes per tile and group.
+//
+// Every output row is computed by the same sequence of float operations whatever the other
+// rows are (batch invariance), and the scalar path (no VNNI) performs the same operations as
+// the vector one, so both give the same bits.
+#include <omp.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TM_W4A8_VNNI 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t GS = 32;          // quantization group along K (weights and activations)
+constexpr int64_t TN = 16;          // output rows per tile
+constexpr int64_t WB = TN * GS / 2;  // packed weight bytes per tile and group
+constexpr int64_t MB = 4;           // activation rows per pass over a tile's weights
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void from_float(float* p, float v) { *p = v; }
+inline void from_float(uint16_t* p, float v) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  *p = uint16_t(u >> 16);
+}
+
+// One group of 32 activations: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)) clamped
+// to +-127, xs = sum of xq. The same float operations as `quantize_activations` in
+// layers/quant.py, so the two agree bit for bit (NaN inputs aside).
+inline void quantize_group(const float* v, int8_t* q, float* d, int32_t* sum) {
+#if TM_W4A8_VNNI
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  *d = amax / 127.f;
+  const __m512 id = _mm512_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  // The default MXCSR rounding is to nearest even, as nearbyint and torch.round.
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(a, id), hi), lo));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(b, id), hi), lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+  float amax = 0.f;
+  for (int64_t i = 0; i < GS; ++i) amax = std::max(amax, std::fabs(v[i]));
+  *d = amax / 127.f;
+  const float id = *d > 0.f ? 1.f / *d : 0.f;
+  int32_t s = 0;
+  for (int64_t i = 0; i < GS; ++i) {
+    const float r = std::nearbyint(std::max(std::min(v[i] * id, 127.f), -127.f));
+    q[i] = int8_t(r);
+    s += int32_t(r);
+  }
+  *sum = s;
+#endif
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* xq, float* xd,
+                   int32_t* xs, int threads) {
+  const int64_t G = K / GS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
+  for (int64_t mg = 0; mg < M * G; ++mg) {
+    const int64_t m = mg / G, g = mg % G;
+    const T* src = x + m * x_stride + g * GS;
+    float v[GS];
+    for (int64_t i = 0; i < GS; ++i) v[i] = to_float(src[i]);
+    quantize_group(v, xq + m * K + g * GS, xd + mg, xs + mg);
+  }
+}
+
+// One tile (16 output rows) for NR activation rows: y[m][0:16] = x_m . W_tile.
+template <typename T, int NR>
+inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
+                      const float* xd, const int32_t* xs, int64_t K, T* y, int64_t y_stride) {
+#if TM_W4A8_VNNI
+  __m512 acc[NR];
+  for (int m = 0; m < NR; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i top = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB;
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(wg + 64 * j);
+      lo[j] = _mm512_and_si512(v, nib);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    }
+    const __m512i sc = _mm512_loadu_si512(sz + g * 2 * TN);  // (s, z) per row: one dword
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(sc, 16));
+    const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(sc, top));
+    for (int m = 0; m < NR; ++m) {
+      int32_t a[8];
+      std::memcpy(a, xq + m * K + g * GS, GS);
+      const int32_t sa = xs[m * G + g];
+      const float da = xd[m * G + g];
+      __m512i t = _mm512_set1_epi32(-8 * sa);
+      for (int j = 0; j < 4; ++j) {
+        t = _mm512_dpbusd_epi32(t, lo[j], _mm512_set1_epi32(a[j]));
+        t = _mm512_dpbusd_epi32(t, hi[j], _mm512_set1_epi32(a[j + 4]));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(da)),
+                               acc[m]);
+      acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(da * float(sa)), acc[m]);
+    }
+  }
+  for (int m = 0; m < NR; ++m) {
+    alignas(64) float out[TN];
+    _mm512_store_ps(out, acc[m]);
+    for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, out[r]);
+  }
+#else
+  float acc[NR][TN] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB;
+    const uint16_t* sg = sz + g * 2 * TN;
+    for (int m = 0; m < NR; ++m) {
+      const int8_t* a = xq + m * K + g * GS;
+      const int32_t sa = xs[m * G + g];
+      const float da = xd[m * G + g];
+      for (int64_t r = 0; r < TN; ++r) {
+        int32_t t = -8 * sa;
+        for (int j = 0; j < 4; ++j)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t b = wg[64 * j + 4 * r + i];
+            t += int32_t(b & 0x0F) * a[4 * j + i] + int32_t(b >> 4) * a[4 * (j + 4) + i];
+          }
+        const float s = to_float(sg[2 * r]), z = to_float(sg[2 * r + 1]);
+        acc[m][r] = std::fma(float(t), s * da, acc[m][r]);
+        acc[m][r] = std::fma(z, da * float(sa), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < NR; ++m)
+    for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, acc[m][r]);
+#endif
+}
+
+template <typename T>
+void w4a8_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
+                 const uint16_t* sz, int64_t N, T* y, int64_t y_stride, int threads) {
+  const int64_t G = K / GS;
+  // The quantized rows are shared by every thread; the buffer is reused across calls.
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<float> d_buf;
+  thread_local std::vector<int32_t> s_buf;
+  q_buf.resize(size_t(M * K));
+  d_buf.resize(size_t(M * G));
+  s_buf.resize(size_t(M * G));
+  int8_t* xq = q_buf.data();
+  float* xd = d_buf.data();
+  int32_t* xs = s_buf.data();
+  quantize_rows(x, x_stride, M, K, xq, xd, xs, threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < N / TN; ++tile) {
+    const uint8_t* wt = w + tile * G * WB;
+    const uint16_t* st = sz + tile * G * 2 * TN;
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int8_t* q = xq + m0 * K;
+      const float* d = xd + m0 * G;
+      const int32_t* s = xs + m0 * G;
+      T* out = y + m0 * y_stride + tile * TN;
+      switch (std::min(MB, M - m0)) {
+        case 1: tile_rows<T, 1>(wt, st, G, q, d, s, K, out, y_stride); break;
+        case 2: tile_rows<T, 2>(wt, st, G, q, d, s, K, out, y_stride); break;
+        case 3: tile_rows<T, 3>(wt, st, G, q, d, s, K, out, y_stride); break;
+        default: tile_rows<T, MB>(wt, st, G, q, d, s, K, out, y_stride);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when the vector (VNNI) path was compiled in, 0 for the scalar one.
+int tm_w4a8_vnni() {
+#if TM_W4A8_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+#define TM_W4A8(NAME, T)                                                                      \
+  void NAME(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,             \
+            const uint16_t* sz, int64_t N, T* y, int64_t y_stride, int threads) {             \
+    w4a8_matmul(x, x_stride, M, K, w, sz, N, y, y_stride, threads);                           \
+  }
+TM_W4A8(tm_w4a8_matmul_bf16, uint16_t)
+TM_W4A8(tm_w4a8_matmul_f32, float)
+
+}  // extern "C"

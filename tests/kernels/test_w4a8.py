@@ -1,0 +1,122 @@
+"""The int4 x int8 kernel (`--quantize w4a8`, kernels/csrc/w4a8.cpp): its packed layout, its
+arithmetic against a float64 reference that rounds the activations the same way, batch
+invariance, and the portable scalar build giving the vector build's bits."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.kernels.cpu import FLAGS, CpuKernels, build, cpu_kernels
+from tokenmill.layers.quant import (
+    GROUP_SIZE,
+    ResidualWeight,
+    W4A8Weight,
+    int4_groups,
+    quantize_activations,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler on this machine")
+
+
+def _reference(x: torch.Tensor, ref_w: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it (int8 per group of 32), times the dequantized weight,
+    in float64."""
+    a8, d = quantize_activations(x)
+    m, k = x.shape
+    xq = (a8.double().view(m, k // GROUP_SIZE, GROUP_SIZE) * d.double().unsqueeze(-1))
+    return xq.view(m, k) @ ref_w.double().t()
+
+
+def test_pack_puts_each_nibble_where_the_kernel_reads_it() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, k = 32, 64
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    sz = torch.randn(n, k // 32, 2, generator=gen).to(torch.bfloat16)
+    packed, scales = W4A8Weight.pack(q, sz)
+    assert packed.shape == (2, 2, 256) and scales.shape == (2, 2, 16, 2)
+    for row, col in [(0, 0), (5, 3), (17, 36), (31, 63), (9, 50)]:
+        tile, r, g, kk = row // 16, row % 16, col // 32, col % 32
+        half, j, i = kk // 16, kk % 16 // 4, kk % 4
+        byte = int(packed[tile, g, 64 * j + 4 * r + i])
+        assert (byte >> 4 if half else byte & 15) == int(q[row, col])
+        assert torch.equal(scales[tile, g, r], sz[row, g])
+
+
+def test_activation_rounding() -> None:
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.25] * 29])
+    a8, d = quantize_activations(x)
+    assert torch.equal(a8[0, :32], torch.zeros(32)) and d[0, 0] == 0  # an all-zero group
+    assert d[0, 1] == pytest.approx(2 / 127)
+    assert a8[0, 33] == -127 and a8[0, 32] == 64  # 63.5 rounds half to even
+    assert a8[0, 34] == 32 and a8.abs().max() <= 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 128, 3), (96, 576, 4), (64, 1536, 9)])
+def test_kernel_equals_its_reference(n: int, k: int, m: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=gen)
+    w[3, :32] = 0.25  # a constant group
+    qw, ref_w = W4A8Weight.quantize(w, dtype)
+    _, _, expected_ref = int4_groups(w, torch.bfloat16)
+    assert torch.equal(ref_w, expected_ref)  # the same int4 weights as --quantize int4's
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[0, :32] = 0  # an all-zero activation group
+    y = qw.matmul(x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    want = _reference(x, ref_w)
+    if dtype == torch.float32:  # float32 accumulation over K/32 group terms
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
+    else:  # then rounded once to bfloat16
+        torch.testing.assert_close(y.double(), want, atol=1e-3, rtol=2 ** -8)
+    # and the activation rounding costs little against the unrounded product
+    exact = x.double() @ ref_w.double().t()
+    assert (y.double() - exact).abs().max() < 0.02 * exact.abs().max() + 0.05
+
+
+def test_rows_do_not_depend_on_the_batch() -> None:
+    gen = torch.Generator().manual_seed(3)
+    qw, _ = W4A8Weight.quantize(torch.randn(64, 256, generator=gen), torch.bfloat16)
+    x = torch.randn(11, 256, generator=gen).to(torch.bfloat16)
+    alone = torch.cat([qw.matmul(x[i:i + 1]) for i in range(11)])
+    assert torch.equal(qw.matmul(x), alone)
+    assert torch.equal(qw.matmul(x[::2]), alone[::2])  # strided rows (non-contiguous batch)
+
+
+def test_residual_head_adds_the_rest() -> None:
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 128, generator=gen)
+    head, ref = ResidualWeight.quantize(w, torch.float32, W4A8Weight)
+    assert (ref - w).abs().max() < 0.03  # about 8 bits
+    x = torch.randn(2, 128, generator=gen)
+    torch.testing.assert_close(head.matmul(x).double(), _reference(x, ref), atol=1e-4, rtol=1e-5)
+
+
+def test_wrong_width_is_refused() -> None:
+    qw, _ = W4A8Weight.quantize(torch.randn(16, 64), torch.float32)
+    with pytest.raises(ValueError, match="cannot multiply"):
+        qw.matmul(torch.randn(1, 32))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 flags")
+def test_portable_build_gives_the_same_bits(tmp_path: Path) -> None:
+    native = cpu_kernels()
+    assert native is not None
+    flags = tuple("-march=x86-64-v2" if f == "-march=native" else f for f in FLAGS)
+    path = build(tmp_path, flags)
+    portable = CpuKernels(ctypes.CDLL(str(path)), path)
+    assert not portable.w4a8_vnni
+    gen = torch.Generator().manual_seed(5)
+    qw, _ = W4A8Weight.quantize(torch.randn(48, 192, generator=gen), torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 192, generator=gen).to(dtype)
+        fast = native.w4a8_matmul(x, qw.packed, qw.scales)
+        slow = portable.w4a8_matmul(x, qw.packed, qw.scales)
+        assert torch.equal(fast, slow)
