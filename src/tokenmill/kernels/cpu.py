@@ -28,10 +28,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("cpu_kernels.cpp", "w4a8.cpp"))  # one library
+                for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 7
+ABI_VERSION = 8
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -70,6 +70,12 @@ class CpuKernels:
         for fn in self._w4a8.values():
             fn.argtypes, fn.restype = _W4A8_ARGS, None
         self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
+        # The whole decoder stack of a w4a8 decode step (models/fused_decode.py builds the
+        # structures it takes).
+        self.decode_stack = {torch.bfloat16: lib.tm_decode_stack_bf16,
+                             torch.float32: lib.tm_decode_stack_f32}
+        for fn in self.decode_stack.values():
+            fn.argtypes, fn.restype = [_P, _P, _P], ctypes.c_int64
 
     def supports_w4a8(self, x: torch.Tensor) -> bool:
         """x [M, K]: rows contiguous, of a CPU dtype the kernel knows, K a multiple of 32."""

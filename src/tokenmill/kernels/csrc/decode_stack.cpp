@@ -1,0 +1,207 @@
+// The whole decoder stack of a small decode step in one call (`--quantize w4a8` on CPU): per
+// layer residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention
+// from the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It chains
+// the kernels of cpu_kernels.cpp and w4a8.cpp through their C entry points, in the order and
+// with the arithmetic of the Python layers (models/llama.py), so a step gives the same
+// results as the layer-by-layer path; only Python's ~90 us per layer of glue is gone.
+// Built into the same library (kernels/cpu.py); called by kernels/decode_stack.py.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" {
+void tm_add_rmsnorm_bf16(const uint16_t*, int64_t, const uint16_t*, uint16_t*, const uint16_t*,
+                         uint16_t*, int64_t, int64_t, float, int);
+void tm_add_rmsnorm_f32(const float*, int64_t, const float*, float*, const float*, float*,
+                        int64_t, int64_t, float, int);
+int64_t tm_rope_kv_bf16(uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                        int64_t, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, int64_t,
+                        const int64_t*, int);
+int64_t tm_rope_kv_f32(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                       int64_t, const float*, const float*, float*, float*, int64_t,
+                       const int64_t*, int);
+void tm_paged_decode_bf16(const uint16_t*, int64_t, uint16_t*, const uint16_t*, const uint16_t*,
+                          int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
+                          int64_t, int64_t, int64_t, float, float*, int64_t, int);
+void tm_paged_decode_f32(const float*, int64_t, float*, const float*, const float*, int64_t,
+                         int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t,
+                         int64_t, int64_t, float, float*, int64_t, int);
+void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
+                         const uint16_t*, int64_t, uint16_t*, int64_t, int);
+void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
+                        const uint16_t*, int64_t, float*, int64_t, int);
+}
+
+namespace {
+
+// Mirrors of the ctypes structures in kernels/decode_stack.py (field order matters).
+struct Layer {
+  const void* in_norm;
+  const void* post_norm;
+  const uint8_t* qkv_w;
+  const uint16_t* qkv_s;
+  const void* qkv_bias;  // null without attention bias
+  const uint8_t* o_w;
+  const uint16_t* o_s;
+  const uint8_t* gu_w;
+  const uint16_t* gu_s;
+  const uint8_t* down_w;
+  const uint16_t* down_s;
+  void* kv;  // [2, Hk, n_blocks, bs, D]
+};
+
+struct Stack {
+  int64_t n_layers, H, I, Hq, Hk, D, bs, kv_head;  // kv_head = n_blocks * bs * D
+  float eps, scale;
+  const void* cos;
+  const void* sin;
+  int64_t n_positions;
+};
+
+struct Step {
+  int64_t M;
+  const int64_t* positions;
+  const int64_t* slots;
+  const int64_t* tables;
+  int64_t table_stride;
+  const int64_t* bounds;
+  int64_t max_keys;
+  void* x;         // in: the embeddings [M, H]; out: the last layer's MLP output
+  void* residual;  // out: the residual stream [M, H]
+  void* h;         // scratch [M, max(H, Hq * D)]
+  void* qkv;       // scratch [M, (Hq + 2 Hk) * D]
+  void* gu;        // scratch [M, 2 I]
+  void* act;       // scratch [M, I]
+  float* attn_scratch;  // threads * (Hq / Hk) * max_keys floats
+  int threads;
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float round_to(float v, const float*) { return v; }
+inline float round_to(float v, const uint16_t*) {  // to bfloat16 and back, nearest even
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+inline void put(float* p, float v) { *p = v; }
+inline void put(uint16_t* p, float v) {
+  const float r = round_to(v, p);
+  uint32_t u;
+  std::memcpy(&u, &r, 4);
+  *p = uint16_t(u >> 16);
+}
+
+// The dtype-dispatched kernel entry points.
+inline void norm(const uint16_t* x, const uint16_t* res, uint16_t* r_out, const void* w,
+                 uint16_t* out, int64_t M, int64_t H, float eps, int t) {
+  tm_add_rmsnorm_bf16(x, H, res, r_out, static_cast<const uint16_t*>(w), out, M, H, eps, t);
+}
+inline void norm(const float* x, const float* res, float* r_out, const void* w, float* out,
+                 int64_t M, int64_t H, float eps, int t) {
+  tm_add_rmsnorm_f32(x, H, res, r_out, static_cast<const float*>(w), out, M, H, eps, t);
+}
+inline void matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                   int64_t N, uint16_t* y, int t) {
+  tm_w4a8_matmul_bf16(x, K, M, K, w, s, N, y, N, t);
+}
+inline void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                   int64_t N, float* y, int t) {
+  tm_w4a8_matmul_f32(x, K, M, K, w, s, N, y, N, t);
+}
+inline int64_t rope(uint16_t* qkv, const Stack& c, const Step& s, uint16_t* kc, uint16_t* vc) {
+  return tm_rope_kv_bf16(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions,
+                         c.n_positions, static_cast<const uint16_t*>(c.cos),
+                         static_cast<const uint16_t*>(c.sin), kc, vc, c.kv_head, s.slots,
+                         s.threads);
+}
+inline int64_t rope(float* qkv, const Stack& c, const Step& s, float* kc, float* vc) {
+  return tm_rope_kv_f32(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions,
+                        c.n_positions, static_cast<const float*>(c.cos),
+                        static_cast<const float*>(c.sin), kc, vc, c.kv_head, s.slots,
+                        s.threads);
+}
+inline void attend(const uint16_t* qkv, uint16_t* out, const uint16_t* kc, const uint16_t* vc,
+                   const Stack& c, const Step& s) {
+  tm_paged_decode_bf16(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
+                       s.tables, s.table_stride, s.bounds, s.M, c.Hq, c.Hk, c.scale,
+                       s.attn_scratch, s.max_keys, s.threads);
+}
+inline void attend(const float* qkv, float* out, const float* kc, const float* vc,
+                   const Stack& c, const Step& s) {
+  tm_paged_decode_f32(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
+                      s.tables, s.table_stride, s.bounds, s.M, c.Hq, c.Hk, c.scale,
+                      s.attn_scratch, s.max_keys, s.threads);
+}
+
+// act = silu(gate) * up with torch's roundings: silu's result rounded to T, then the product.
+template <typename T>
+void silu_mul(const T* gu, T* act, int64_t M, int64_t I) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* g = gu + m * 2 * I;
+    const T* u = g + I;
+    T* a = act + m * I;
+    for (int64_t i = 0; i < I; ++i) {
+      const float x = to_float(g[i]);
+      const float silu = round_to(x / (1.f + std::exp(-x)), a);
+      put(a + i, silu * to_float(u[i]));
+    }
+  }
+}
+
+// Returns -1, or the row whose position is outside the rotary table (nothing written then).
+template <typename T>
+int64_t run(const Layer* layers, const Stack& c, const Step& s) {
+  const int64_t M = s.M, H = c.H, NQKV = (c.Hq + 2 * c.Hk) * c.D, HQD = c.Hq * c.D;
+  T* x = static_cast<T*>(s.x);
+  T* res = static_cast<T*>(s.residual);
+  T* h = static_cast<T*>(s.h);
+  T* qkv = static_cast<T*>(s.qkv);
+  T* gu = static_cast<T*>(s.gu);
+  T* act = static_cast<T*>(s.act);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const Layer& L = layers[l];
+    T* kc = static_cast<T*>(L.kv);
+    T* vc = kc + c.Hk * c.kv_head;
+    norm(x, l == 0 ? nullptr : res, res, L.in_norm, h, M, H, c.eps, s.threads);
+    matmul(h, M, H, L.qkv_w, L.qkv_s, NQKV, qkv, s.threads);
+    if (L.qkv_bias) {
+      const T* b = static_cast<const T*>(L.qkv_bias);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < NQKV; ++j) {
+          T* p = qkv + m * NQKV + j;
+          put(p, to_float(*p) + to_float(b[j]));
+        }
+    }
+    const int64_t bad = rope(qkv, c, s, kc, vc);
+    if (bad >= 0) return bad;
+    attend(qkv, h, kc, vc, c, s);  // h: [M, Hq * D] attention output
+    matmul(h, M, HQD, L.o_w, L.o_s, H, x, s.threads);
+    norm(x, res, res, L.post_norm, h, M, H, c.eps, s.threads);
+    matmul(h, M, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
+    silu_mul(gu, act, M, c.I);
+    matmul(act, M, c.I, L.down_w, L.down_s, H, x, s.threads);
+  }
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t tm_decode_stack_bf16(const Layer* layers, const Stack* c, const Step* s) {
+  return run<uint16_t>(layers, *c, *s);
+}
+int64_t tm_decode_stack_f32(const Layer* layers, const Stack* c, const Step* s) {
+  return run<float>(layers, *c, *s);
+}
+
+}  // extern "C"

@@ -1,0 +1,152 @@
+"""The Llama-family decoder stack of a small decode step as one native call.
+
+With `--quantize w4a8` on CPU every matmul of a decode step is a native kernel, and so are the
+norms, rotary + cache write and attention; what is left in Python is glue, ~90 µs a layer
+(module calls, checks, views, allocations), a third of a batch-1 step. `DecodeStack` hands the
+whole stack to kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order
+(the SiLU * up product is its own). It runs when a step is decode only, has at most
+`W4A8Weight.max_rows` rows (the quantized kernels' regime) and no row uses a LoRA adapter;
+otherwise the layers run one by one as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from tokenmill.kernels.cpu import MAX_DECODE_GROUP_DIM, cpu_kernels
+from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.quant import W4A8Weight
+
+if TYPE_CHECKING:
+    from tokenmill.models.llama import DecoderLayer, LlamaForCausalLM
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Layer(ctypes.Structure):  # mirrors `Layer` in decode_stack.cpp
+    _fields_ = [(name, _P) for name in (
+        "in_norm", "post_norm", "qkv_w", "qkv_s", "qkv_bias", "o_w", "o_s", "gu_w", "gu_s",
+        "down_w", "down_s", "kv")]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [("n_layers", _I), ("H", _I), ("I", _I), ("Hq", _I), ("Hk", _I), ("D", _I),
+                ("bs", _I), ("kv_head", _I), ("eps", _F), ("scale", _F), ("cos", _P),
+                ("sin", _P), ("n_positions", _I)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("M", _I), ("positions", _P), ("slots", _P), ("tables", _P),
+                ("table_stride", _I), ("bounds", _P), ("max_keys", _I), ("x", _P),
+                ("residual", _P), ("h", _P), ("qkv", _P), ("gu", _P), ("act", _P),
+                ("attn_scratch", _P), ("threads", ctypes.c_int)]
+
+
+def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
+    return cast("list[DecoderLayer]", list(model.layers))
+
+
+def _w4a8(linear: Linear) -> W4A8Weight:
+    assert isinstance(linear.quant, W4A8Weight)
+    return linear.quant
+
+
+class DecodeStack:
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        kernels = cpu_kernels()
+        assert kernels is not None
+        cfg = model.cfg
+        self.model = model
+        self.dtype = model.embed_tokens.weight.dtype
+        self._fn = kernels.decode_stack[self.dtype]
+        self._linears = [m for m in model.modules() if isinstance(m, Linear)]
+        layers = _decoder_layers(model)
+        self.cos, self.sin = layers[0].self_attn.rotary.tables(self.dtype)
+        kv = layers[0].self_attn.kv_cache
+        _, hk, n_blocks, bs, d = kv.shape
+        self.hq, self.hk, self.d = cfg.num_heads, hk, d
+        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+        self.stack = _Stack(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
+                            cfg.num_heads, hk, d, bs, n_blocks * bs * d, cfg.rms_norm_eps,
+                            d ** -0.5, self.cos.data_ptr(), self.sin.data_ptr(),
+                            self.cos.shape[0])
+        self.layers = (_Layer * cfg.num_layers)()
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, o = _w4a8(attn.qkv_proj), _w4a8(attn.o_proj)
+            gu, down = _w4a8(mlp.gate_up_proj), _w4a8(mlp.down_proj)
+            bias = attn.qkv_proj.bias
+            self.layers[i] = _Layer(
+                layer.input_layernorm.weight.data_ptr(),
+                layer.post_attention_layernorm.weight.data_ptr(),
+                qkv.packed.data_ptr(), qkv.scales.data_ptr(),
+                None if bias is None else bias.data_ptr(), o.packed.data_ptr(),
+                o.scales.data_ptr(), gu.packed.data_ptr(), gu.scales.data_ptr(),
+                down.packed.data_ptr(), down.scales.data_ptr(), attn.kv_cache.data_ptr())
+
+    @staticmethod
+    def build(model: LlamaForCausalLM) -> DecodeStack | None:
+        """The stack for `model` with its KV cache bound, or None when it does not qualify:
+        CPU, bfloat16 or float32, every decoder linear w4a8 (bias only on qkv), no q/k norm,
+        the native kernels loaded, a contiguous cache of the model's dtype."""
+        cfg = model.cfg
+        dtype = model.embed_tokens.weight.dtype
+        if (cpu_kernels() is None or dtype not in (torch.bfloat16, torch.float32)
+                or model.embed_tokens.weight.device.type != "cpu" or cfg.qk_norm
+                or cfg.num_heads % cfg.num_kv_heads
+                or cfg.num_heads // cfg.num_kv_heads * cfg.head_dim > MAX_DECODE_GROUP_DIM):
+            return None
+        for layer in _decoder_layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            kv = attn.kv_cache
+            if (not all(isinstance(lin.quant, W4A8Weight) for lin in linears)
+                    or any(lin.bias is not None for lin in linears[1:])
+                    or kv.dim() != 5 or kv.dtype != dtype or not kv.is_contiguous()
+                    or any(n.weight.dtype != dtype for n in (layer.input_layernorm,
+                                                             layer.post_attention_layernorm))):
+                return None
+        return DecodeStack(model)
+
+    def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """A decode-only step of at most `W4A8Weight.max_rows` rows, no LoRA rows."""
+        if (len(meta.groups) != 1 or not meta.groups[0].whole_batch
+                or meta.groups[0].bounds is None or x.shape[0] > W4A8Weight.max_rows):
+            return False
+        for lin in self._linears:  # every LoraLinear shares one batch state: the first decides
+            if lin.lora is not None:
+                return lin.lora.batch.plan is None
+        return True
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the step's embeddings [M, H] (overwritten); returns (the last layer's output, the
+        residual stream), what the layer loop would hand the final norm."""
+        g = meta.groups[0]
+        assert g.bounds is not None
+        m, dt = x.shape[0], self.dtype
+        positions, slots = positions.to(torch.int64), meta.slot_mapping.to(torch.int64)
+        tables = g.block_tables
+        assert x.is_contiguous() and x.dtype == dt and tables.dtype == torch.int64
+        assert tables.is_contiguous() and positions.is_contiguous() and slots.is_contiguous()
+        residual = torch.empty_like(x)
+        h = torch.empty(m, max(self.hidden, self.hq * self.d), dtype=dt)
+        qkv = torch.empty(m, (self.hq + 2 * self.hk) * self.d, dtype=dt)
+        gu = torch.empty(m, 2 * self.inter, dtype=dt)
+        act = torch.empty(m, self.inter, dtype=dt)
+        threads = torch.get_num_threads()
+        max_keys = max(g.max_keys, 1)
+        scratch = torch.empty(threads * (self.hq // self.hk) * max_keys, dtype=torch.float32)
+        step = _Step(m, positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                     tables.stride(0), g.bounds.data_ptr(), max_keys, x.data_ptr(),
+                     residual.data_ptr(), h.data_ptr(), qkv.data_ptr(), gu.data_ptr(),
+                     act.data_ptr(), scratch.data_ptr(), threads)
+        bad = self._fn(self.layers, ctypes.byref(self.stack), ctypes.byref(step))
+        if bad >= 0:
+            raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
+                             f"({self.stack.n_positions} positions)")
+        return x, residual

@@ -1,0 +1,122 @@
+"""The fused decode stack (models/fused_decode.py, `--quantize w4a8` on CPU): a decode step
+through the one native call gives the layer-by-layer path's logits and KV cache, for batches of
+sequences of different lengths, with attention bias (Qwen2) and a sliding window (Mistral); the
+steps it must not take go the layer-by-layer way."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.layers.attention import AttentionMetadata, TorchPagedAttention
+from tokenmill.layers.quant import W4A8Weight
+from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.runner.loading import load_model
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="no C++ compiler: no native kernels, no w4a8 stack")
+
+BLOCK, BLOCKS = 4, 60
+
+
+def _model(arch: str, dtype: str, path: Path, quantize: str = "w4a8") -> LlamaForCausalLM:
+    pytest.importorskip("transformers")
+    from models.test_model_parity import make_tiny
+
+    make_tiny(arch, path)
+    model = load_model(ModelConfig(model_id=str(path), dtype=dtype, quantize=quantize)).model
+    model.kv_cache = torch.zeros(model.kv_cache_shape(BLOCKS, BLOCK),  # type: ignore[attr-defined]
+                                 dtype=model.embed_tokens.weight.dtype)
+    model.bind_kv_cache(model.kv_cache)  # type: ignore[attr-defined]
+    return model
+
+
+def _meta(model: LlamaForCausalLM, qlens: list[int], ctxs: list[int],
+          tables: list[list[int]]) -> AttentionMetadata:
+    return TorchPagedAttention().build_metadata(qlens, ctxs, tables, BLOCK,
+                                                model.cfg.sliding_window, torch.device("cpu"))
+
+
+def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: AttentionMetadata
+             ) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), meta))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, tmp_path: Path) -> None:
+    model = _model(arch, dtype, tmp_path)
+    stack = model.fused_decode
+    assert stack is not None
+    cache = model.kv_cache  # type: ignore[attr-defined]  # every layer's
+    blocks = random.Random(0).sample(range(BLOCKS), BLOCKS)
+    tables = [blocks[0:20], blocks[20:40], blocks[40:60]]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (11, 6, 17)]
+    last = []
+    for prompt, table in zip(prompts, tables):  # prefills, one by one (layer by layer)
+        logits = _forward(model, prompt, list(range(len(prompt))),
+                          _meta(model, [len(prompt)], [len(prompt)], [table]))
+        last.append(int(logits[-1].argmax()))
+    ctxs = [len(p) for p in prompts]
+    for _ in range(6):  # decode steps of all three sequences
+        meta = _meta(model, [1, 1, 1], [c + 1 for c in ctxs], tables)
+        assert stack.takes(torch.empty(3, 1), meta)
+        before = cache.clone()
+        fused = _forward(model, last, ctxs, meta)
+        after_fused = cache.clone()
+        cache.copy_(before)
+        model.fused_decode = None
+        plain = _forward(model, last, ctxs, meta)
+        model.fused_decode = stack
+        # The same kernels in the same order; only SiLU's exp is libm's here and Sleef's in
+        # torch, an ulp apart at most.
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        assert not torch.equal(after_fused, before)  # the step wrote its keys and values
+        torch.testing.assert_close(after_fused.float(), cache.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)
+        assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+        last = fused.argmax(-1).tolist()
+        ctxs = [c + 1 for c in ctxs]
+
+
+def test_steps_it_does_not_take(tmp_path: Path) -> None:
+    model = _model("llama", "float32", tmp_path)
+    stack = model.fused_decode
+    assert stack is not None
+    x = torch.empty(1, 1)
+    assert not stack.takes(x, _meta(model, [3], [3], [[0]]))  # a prefill
+    assert not stack.takes(torch.empty(2, 1), _meta(model, [1, 2], [5, 6], [[0, 1], [2, 3]]))
+    many = W4A8Weight.max_rows + 1
+    wide = _meta(model, [1] * many, [2] * many, [[i] for i in range(many)])
+    assert not stack.takes(torch.empty(many, 1), wide)  # more rows than the kernels' regime
+    decode = _meta(model, [1], [3], [[0]])
+    assert stack.takes(x, decode)
+    lora = SimpleNamespace(batch=SimpleNamespace(plan=object()))
+    model.layers[1].mlp.down_proj.lora = lora  # type: ignore[assignment]
+    assert not stack.takes(x, decode)  # a row uses an adapter
+    lora.batch.plan = None
+    assert stack.takes(x, decode)
+
+
+def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None:
+    model = _model("llama", "float32", tmp_path)
+    cache = model.kv_cache  # type: ignore[attr-defined]
+    before = cache.clone()
+    meta = _meta(model, [1], [3], [[0]])
+    with pytest.raises(IndexError, match="outside the rotary table"):
+        _forward(model, [5], [model.cfg.max_position_embeddings + 4], meta)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("arch,quantize", [("llama", "int4"), ("qwen3", "w4a8")])
+def test_only_w4a8_models_without_qk_norm_get_a_stack(arch: str, quantize: str,
+                                                       tmp_path: Path) -> None:
+    assert _model(arch, "float32", tmp_path, quantize).fused_decode is None
