@@ -5,6 +5,7 @@ the ratios. Only ratios from one run are comparable: the machines are shared, so
 prints the load average before it starts and warns when the machine is busy.
 
     .venv/bin/python benchmarks/offline_throughput.py [--dtype bfloat16] [--prompts 64]
+        [--quantize w4a8]
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--quantize", default=None, help="tokenmill's --quantize (int4, w4a8)")
     a = ap.parse_args()
 
     load1 = os.getloadavg()[0]
@@ -94,7 +96,7 @@ def main() -> None:
     print(f"load average {load1:.2f} on {cores} cores"
           + ("  ** machine busy: ratios are less reliable **" if load1 > 0.5 * cores else ""))
 
-    llm = LLM(dtype=a.dtype, max_batch_total_tokens=65536)
+    llm = LLM(dtype=a.dtype, max_batch_total_tokens=65536, quantize=a.quantize)
     dtype = getattr(torch, llm.engine.info.dtype)
     print(f"tokenmill: {llm.engine.info.model_id} {llm.engine.info.dtype} "
           f"{torch.get_num_threads()} threads")

@@ -87,7 +87,8 @@ def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, tmp_path: Path)
         ctxs = [c + 1 for c in ctxs]
 
 
-def test_steps_it_does_not_take(tmp_path: Path) -> None:
+def test_steps_it_does_not_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W4A8Weight, "max_rows", 4)
     model = _model("llama", "float32", tmp_path)
     stack = model.fused_decode
     assert stack is not None

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32
 assert GROUP_SIZE == W4A8_GROUP
+RESIDUAL_MAX_ROWS = 32
 
 
 class QuantWeight(abc.ABC):
@@ -94,7 +95,10 @@ class W4A8Weight(QuantWeight):
     """The int4 groups repacked for the native int4 x int8 kernel (`CpuKernels.w4a8_matmul`);
     the scales are bfloat16 whatever the model's dtype."""
 
-    max_rows = 8
+    # Every step: the kernel beats the bfloat16 matmul at any row count on SmolLM2's layers
+    # (2.4x at 1 row ... 1.4x at 512, benchmarks/int4_kernels.py), so prefill and decode
+    # share the quantized numerics, as in llama.cpp.
+    max_rows = 1 << 62
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, kernels: CpuKernels) -> None:
         tiles, groups, size = packed.shape
@@ -158,7 +162,9 @@ class ResidualWeight(QuantWeight):
 
     @property
     def max_rows(self) -> int:  # type: ignore[override]  # the main pass's (tests patch it)
-        return self.main.max_rows
+        # Two passes: past ~32 rows the bfloat16 matmul is faster (SmolLM2's head with the
+        # w4a8 kernel: 2 x 3.2 ms against 7.1 ms at 32 rows, 2 x 6.6 against 11.3 at 64).
+        return min(self.main.max_rows, RESIDUAL_MAX_ROWS)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: torch.dtype,

@@ -5,8 +5,8 @@ norms, rotary + cache write and attention; what is left in Python is glue, ~90 Â
 (module calls, checks, views, allocations), a third of a batch-1 step. `DecodeStack` hands the
 whole stack to kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order
 (the SiLU * up product is its own). It runs when a step is decode only, has at most
-`W4A8Weight.max_rows` rows (the quantized kernels' regime) and no row uses a LoRA adapter;
-otherwise the layers run one by one as before.
+`W4A8Weight.max_rows` rows (the quantized kernels' regime: all, unless a test lowers it) and
+no row uses a LoRA adapter; otherwise the layers run one by one as before.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ namespace {
 constexpr int64_t GS = 32;          // quantization group along K (weights and activations)
 constexpr int64_t TN = 16;          // output rows per tile
 constexpr int64_t WB = TN * GS / 2;  // packed weight bytes per tile and group
-constexpr int64_t MB = 4;           // activation rows per pass over a tile's weights
+constexpr int64_t MB = 8;           // activation rows per pass over a tile's weights
+constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t b) {
@@ -83,24 +84,42 @@ inline void quantize_group(const float* v, int8_t* q, float* d, int32_t* sum) {
 #endif
 }
 
+// A row's group of quantized activations, as the tile loop consumes it.
+struct Act {
+  float d;       // the scale
+  float dsum;    // d * sum(a8): z's coefficient
+  int32_t corr;  // -8 * sum(a8): the integer dot product's start (q is stored + 8)
+};
+
 template <typename T>
-void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* xq, float* xd,
-                   int32_t* xs, int threads) {
+void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* xq, Act* act,
+                   int threads) {
   const int64_t G = K / GS;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 65536)
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 8192)
   for (int64_t mg = 0; mg < M * G; ++mg) {
     const int64_t m = mg / G, g = mg % G;
     const T* src = x + m * x_stride + g * GS;
     float v[GS];
     for (int64_t i = 0; i < GS; ++i) v[i] = to_float(src[i]);
-    quantize_group(v, xq + m * K + g * GS, xd + mg, xs + mg);
+    int32_t sum;
+    quantize_group(v, xq + m * K + g * GS, &act[mg].d, &sum);
+    act[mg].dsum = act[mg].d * float(sum);
+    act[mg].corr = -8 * sum;
   }
 }
 
-// One tile (16 output rows) for NR activation rows: y[m][0:16] = x_m . W_tile.
+inline int32_t quad(const int8_t* p) {  // 4 activations as the dword vpdpbusd broadcasts
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// One tile (16 output rows) for NR activation rows: y[m][0:16] = x_m . W_tile. Per group the
+// weights are unpacked once for all NR rows; each row then costs 8 vpdpbusd (in two chains)
+// and 3 float operations, its broadcasts folded into memory operands.
 template <typename T, int NR>
 inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
-                      const float* xd, const int32_t* xs, int64_t K, T* y, int64_t y_stride) {
+                      const Act* act, int64_t K, T* y, int64_t y_stride) {
 #if TM_W4A8_VNNI
   __m512 acc[NR];
   for (int m = 0; m < NR; ++m) acc[m] = _mm512_setzero_ps();
@@ -118,18 +137,16 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
     const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(sc, 16));
     const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(sc, top));
     for (int m = 0; m < NR; ++m) {
-      int32_t a[8];
-      std::memcpy(a, xq + m * K + g * GS, GS);
-      const int32_t sa = xs[m * G + g];
-      const float da = xd[m * G + g];
-      __m512i t = _mm512_set1_epi32(-8 * sa);
+      const int8_t* a = xq + m * K + g * GS;
+      const Act& p = act[m * G + g];
+      __m512i t0 = _mm512_set1_epi32(p.corr), t1 = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {
-        t = _mm512_dpbusd_epi32(t, lo[j], _mm512_set1_epi32(a[j]));
-        t = _mm512_dpbusd_epi32(t, hi[j], _mm512_set1_epi32(a[j + 4]));
+        t0 = _mm512_dpbusd_epi32(t0, lo[j], _mm512_set1_epi32(quad(a + 4 * j)));
+        t1 = _mm512_dpbusd_epi32(t1, hi[j], _mm512_set1_epi32(quad(a + 16 + 4 * j)));
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(s, _mm512_set1_ps(da)),
-                               acc[m]);
-      acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(da * float(sa)), acc[m]);
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1));
+      acc[m] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(p.d)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(p.dsum), acc[m]);
     }
   }
   for (int m = 0; m < NR; ++m) {
@@ -144,18 +161,17 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
     const uint16_t* sg = sz + g * 2 * TN;
     for (int m = 0; m < NR; ++m) {
       const int8_t* a = xq + m * K + g * GS;
-      const int32_t sa = xs[m * G + g];
-      const float da = xd[m * G + g];
+      const Act& p = act[m * G + g];
       for (int64_t r = 0; r < TN; ++r) {
-        int32_t t = -8 * sa;
+        int32_t t = p.corr;
         for (int j = 0; j < 4; ++j)
           for (int i = 0; i < 4; ++i) {
             const uint8_t b = wg[64 * j + 4 * r + i];
             t += int32_t(b & 0x0F) * a[4 * j + i] + int32_t(b >> 4) * a[4 * (j + 4) + i];
           }
         const float s = to_float(sg[2 * r]), z = to_float(sg[2 * r + 1]);
-        acc[m][r] = std::fma(float(t), s * da, acc[m][r]);
-        acc[m][r] = std::fma(z, da * float(sa), acc[m][r]);
+        acc[m][r] = std::fma(float(t), s * p.d, acc[m][r]);
+        acc[m][r] = std::fma(z, p.dsum, acc[m][r]);
       }
     }
   }
@@ -168,31 +184,35 @@ template <typename T>
 void w4a8_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
                  const uint16_t* sz, int64_t N, T* y, int64_t y_stride, int threads) {
   const int64_t G = K / GS;
-  // The quantized rows are shared by every thread; the buffer is reused across calls.
+  // The quantized rows are shared by every thread; the buffers are reused across calls.
   thread_local std::vector<int8_t> q_buf;
-  thread_local std::vector<float> d_buf;
-  thread_local std::vector<int32_t> s_buf;
+  thread_local std::vector<Act> a_buf;
   q_buf.resize(size_t(M * K));
-  d_buf.resize(size_t(M * G));
-  s_buf.resize(size_t(M * G));
+  a_buf.resize(size_t(M * G));
   int8_t* xq = q_buf.data();
-  float* xd = d_buf.data();
-  int32_t* xs = s_buf.data();
-  quantize_rows(x, x_stride, M, K, xq, xd, xs, threads);
+  Act* act = a_buf.data();
+  quantize_rows(x, x_stride, M, K, xq, act, threads);
+  // Work items: (chunk of MC rows, tile), tiles innermost, so a thread's items share a chunk,
+  // whose int8 rows stay in cache while the tiles' weights stream past.
+  const int64_t tiles = N / TN, chunks = (M + MC - 1) / MC;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t tile = 0; tile < N / TN; ++tile) {
+  for (int64_t item = 0; item < chunks * tiles; ++item) {
+    const int64_t tile = item % tiles, c = item / tiles;
     const uint8_t* wt = w + tile * G * WB;
     const uint16_t* st = sz + tile * G * 2 * TN;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
       const int8_t* q = xq + m0 * K;
-      const float* d = xd + m0 * G;
-      const int32_t* s = xs + m0 * G;
+      const Act* a = act + m0 * G;
       T* out = y + m0 * y_stride + tile * TN;
       switch (std::min(MB, M - m0)) {
-        case 1: tile_rows<T, 1>(wt, st, G, q, d, s, K, out, y_stride); break;
-        case 2: tile_rows<T, 2>(wt, st, G, q, d, s, K, out, y_stride); break;
-        case 3: tile_rows<T, 3>(wt, st, G, q, d, s, K, out, y_stride); break;
-        default: tile_rows<T, MB>(wt, st, G, q, d, s, K, out, y_stride);
+        case 1: tile_rows<T, 1>(wt, st, G, q, a, K, out, y_stride); break;
+        case 2: tile_rows<T, 2>(wt, st, G, q, a, K, out, y_stride); break;
+        case 3: tile_rows<T, 3>(wt, st, G, q, a, K, out, y_stride); break;
+        case 4: tile_rows<T, 4>(wt, st, G, q, a, K, out, y_stride); break;
+        case 5: tile_rows<T, 5>(wt, st, G, q, a, K, out, y_stride); break;
+        case 6: tile_rows<T, 6>(wt, st, G, q, a, K, out, y_stride); break;
+        case 7: tile_rows<T, 7>(wt, st, G, q, a, K, out, y_stride); break;
+        default: tile_rows<T, MB>(wt, st, G, q, a, K, out, y_stride);
       }
     }
   }
