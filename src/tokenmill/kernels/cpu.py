@@ -31,7 +31,7 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 8
+ABI_VERSION = 9
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64

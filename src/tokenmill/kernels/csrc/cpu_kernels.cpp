@@ -38,7 +38,9 @@ inline void store(uint16_t* p, int64_t i, float v) {  // float -> bfloat16, roun
 // [-87, 0], the softmax's range. Below -87 the result is 0 (float32's exp would be < 1.7e-38).
 inline float exp_neg(float x) {
   const float xc = x < -87.f ? -87.f : x;
-  const float n = __builtin_roundf(xc * 1.44269504088896341f);
+  // rint (the current rounding, to nearest even) inlines as one instruction; roundf
+  // (ties away from zero) was a libm call per element, which kept the loop scalar.
+  const float n = __builtin_rintf(xc * 1.44269504088896341f);
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-06f;
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
@@ -216,6 +218,53 @@ inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, i
   const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
   _mm512_mask_storeu_ps(out, keep, sum16(v));
 }
+
+// acc[g][0:DC] = sum over keys p in [start, end) of w[g][p - start] * V[p] for GC query heads
+// (w rows `stride` apart), V bfloat16 rows of the paged cache (block size bs). Each V row is
+// widened once and feeds all GC heads from registers; the generic loop widened it per head
+// and kept the sums in memory (~2x the operations). FMA: one rounding per term.
+template <int64_t DC, int GC>
+inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
+                    int64_t end, const float* w, int64_t stride, float* acc) {
+  constexpr int NV = DC / 16;
+  __m512 a[GC][NV];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+    const uint16_t* vb = vh + table[p0 / bs] * bs * DC;
+    for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
+      const uint16_t* vrow = vb + (p - p0) * DC;
+      __m512 v[NV];
+      for (int c = 0; c < NV; ++c)
+        v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vrow + 16 * c))), 16));
+      for (int g = 0; g < GC; ++g) {
+        const __m512 wg = _mm512_set1_ps(w[g * stride + (p - start)]);
+        for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(wg, v[c], a[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * DC + 16 * c, a[g][c]);
+}
+
+// pv_bf16 over G heads, up to 4 at a time for head dim 64 and 2 for 128 (the sums then fill
+// 16 registers next to the widened V row).
+template <int64_t DC>
+inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
+                          int64_t end, const float* w, int64_t stride, int64_t G, float* acc) {
+  constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
+  for (int64_t g = 0; g < G; g += GMAX) {
+    const float* wg = w + g * stride;
+    float* ag = acc + g * DC;
+    switch (std::min(GMAX, G - g)) {
+      case 1: pv_bf16<DC, 1>(vh, table, bs, start, end, wg, stride, ag); break;
+      case 2: pv_bf16<DC, 2>(vh, table, bs, start, end, wg, stride, ag); break;
+      case 3: pv_bf16<DC, (GMAX >= 3 ? 3 : 1)>(vh, table, bs, start, end, wg, stride, ag); break;
+      default: pv_bf16<DC, GMAX>(vh, table, bs, start, end, wg, stride, ag);
+    }
+  }
+}
 #endif
 
 // Decode attention straight from the paged cache: one query token per sequence, no gather.
@@ -282,7 +331,8 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
       for (int64_t g = 0; g < G; ++g) {
         float* sg = sc + g * max_keys;
         float m = -INFINITY, sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;  // (std::max stayed scalar)
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
           sg[i] = exp_neg(sg[i] - m);
@@ -292,6 +342,13 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
       }
+#if defined(__AVX512BF16__)
+      if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
+        pv_heads_bf16<DC ? DC : 16>(reinterpret_cast<const uint16_t*>(vh), table, bs, start,
+                                    end, sc, max_keys, G, acc);
+      } else
+#endif
+      {
       for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
       for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
         const T* vb = vh + table[p0 / bs] * bs * D;
@@ -304,6 +361,7 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
             for (int64_t d = 0; d < D; ++d) ag[d] += w * load(vrow, d);
           }
         }
+      }
       }
       for (int64_t g = 0; g < G; ++g) {
         T* orow = out + (b * Hq + h * G + g) * D;
@@ -401,7 +459,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 8; }
+int tm_abi_version() { return 9; }
 
 #define TM_LORA_SGMV(NAME, T)                                                                 \
   void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \
