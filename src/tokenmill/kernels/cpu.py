@@ -31,7 +31,7 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 9
+ABI_VERSION = 10
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -62,6 +62,9 @@ class CpuKernels:
                       torch.float32: lib.tm_add_rmsnorm_f32}
         for fn in self._norm.values():
             fn.argtypes, fn.restype = _NORM_ARGS, None
+        self._silu = {torch.bfloat16: lib.tm_silu_mul_bf16, torch.float32: lib.tm_silu_mul_f32}
+        for fn in self._silu.values():
+            fn.argtypes, fn.restype = [_P, _P, _I, _I, ctypes.c_int], None
         self._rope = {torch.bfloat16: lib.tm_rope_kv_bf16, torch.float32: lib.tm_rope_kv_f32}
         for fn in self._rope.values():
             fn.argtypes, fn.restype = _ROPE_ARGS, ctypes.c_int64
@@ -125,6 +128,22 @@ class CpuKernels:
         if bad >= 0:
             raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
                              f"({cos.shape[0]} positions)")
+
+    def supports_silu_mul(self, gate_up: torch.Tensor) -> bool:
+        """gate_up [M, 2I] of a CPU dtype the kernel knows, rows contiguous."""
+        return (gate_up.dtype in self._silu and gate_up.device.type == "cpu"
+                and gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up = [gate | up] rows, with `F.silu(gate) * up`'s roundings
+        (the exp is the kernel's own, within an ulp of torch's)."""
+        m, two_i = gate_up.shape
+        act = torch.empty(m, two_i // 2, dtype=gate_up.dtype)
+        if gate_up.stride(0) != two_i:
+            gate_up = gate_up.contiguous()
+        self._silu[gate_up.dtype](gate_up.data_ptr(), act.data_ptr(), m, two_i // 2,
+                                  torch.get_num_threads())
+        return act
 
     def supports_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                       weight: torch.Tensor) -> bool:

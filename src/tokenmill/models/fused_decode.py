@@ -3,8 +3,8 @@
 With `--quantize w4a8` on CPU every matmul of a decode step is a native kernel, and so are the
 norms, rotary + cache write and attention; what is left in Python is glue, ~90 µs a layer
 (module calls, checks, views, allocations), a third of a batch-1 step. `DecodeStack` hands the
-whole stack to kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order
-(the SiLU * up product is its own). It runs when a step is decode only, has at most
+whole stack to kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order,
+so the two paths give the same bits (tests/models/test_fused_decode.py). It runs when a step is decode only, has at most
 `W4A8Weight.max_rows` rows (the quantized kernels' regime: all, unless a test lowers it) and
 no row uses a LoRA adapter; otherwise the layers run one by one as before.
 """

@@ -380,6 +380,31 @@ inline float round_to(float v, const uint16_t*) {
   return load(&b, 0);
 }
 
+// act[m] = silu(gate[m]) * up[m] for rows gu[m] = [gate (I) | up (I)], with torch's roundings
+// (`F.silu(gate) * up`): silu(x) = x * sigmoid(x) in float32, rounded to T, then the product
+// rounded. sigmoid from exp_neg of -|x| (no overflow): 1 / (1 + e) or e / (1 + e).
+template <typename T>
+void silu_mul(const T* gu, T* act, int64_t M, int64_t I, int threads) {
+  constexpr int64_t CH = 512;  // columns per work item
+  const int64_t per_row = (I + CH - 1) / CH;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * I >= 16384)
+  for (int64_t item = 0; item < M * per_row; ++item) {
+    const int64_t m = item / per_row, lo = item % per_row * CH, hi = std::min(I, lo + CH);
+    const T* g = gu + m * 2 * I;
+    const T* u = g + I;
+    T* a = act + m * I;
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      const float x = load(g, i);
+      const float e = exp_neg(x < 0.f ? x : -x);
+      const float sig = (x < 0.f ? e : 1.f) / (1.f + e);
+      const float silu = round_to(x * sig, g);
+      store(a, i, silu * load(u, i));
+    }
+  }
+}
+
+
 // Pre-norm residual add + RMSNorm over rows of H, with the arithmetic of the torch module it
 // replaces (layers/norm.py, itself transformers'): r = x + residual rounded to T; the mean of
 // squares in float32; x_hat = r * rsqrt(ms + eps) rounded to T; out = weight * x_hat rounded.
@@ -459,7 +484,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 9; }
+int tm_abi_version() { return 10; }
 
 #define TM_LORA_SGMV(NAME, T)                                                                 \
   void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \
@@ -491,6 +516,11 @@ TM_PAGED_DECODE(tm_paged_decode_f32, float)
   }
 TM_ADD_RMSNORM(tm_add_rmsnorm_bf16, uint16_t)
 TM_ADD_RMSNORM(tm_add_rmsnorm_f32, float)
+
+#define TM_SILU_MUL(NAME, T) \
+  void NAME(const T* gu, T* act, int64_t M, int64_t I, int threads) { silu_mul(gu, act, M, I, threads); }
+TM_SILU_MUL(tm_silu_mul_bf16, uint16_t)
+TM_SILU_MUL(tm_silu_mul_f32, float)
 
 // Returns the index of the first position outside [0, n_positions) (nothing is written
 // then), or -1 when all are inside: the caller raises, as indexing the table in torch would.

@@ -2,8 +2,8 @@
 // layer residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention
 // from the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It chains
 // the kernels of cpu_kernels.cpp and w4a8.cpp through their C entry points, in the order and
-// with the arithmetic of the Python layers (models/llama.py), so a step gives the same
-// results as the layer-by-layer path; only Python's ~90 us per layer of glue is gone.
+// with the arithmetic of the Python layers (models/llama.py, which call the same kernels), so
+// a step gives the layer-by-layer path's bits; only Python's ~90 us per layer of glue is gone.
 // Built into the same library (kernels/cpu.py); called by kernels/decode_stack.py.
 #include <cmath>
 #include <cstdint>
@@ -30,6 +30,8 @@ void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8
                          const uint16_t*, int64_t, uint16_t*, int64_t, int);
 void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
                         const uint16_t*, int64_t, float*, int64_t, int);
+void tm_silu_mul_bf16(const uint16_t*, uint16_t*, int64_t, int64_t, int);
+void tm_silu_mul_f32(const float*, float*, int64_t, int64_t, int);
 }
 
 namespace {
@@ -142,19 +144,11 @@ inline void attend(const float* qkv, float* out, const float* kc, const float* v
                       s.attn_scratch, s.max_keys, s.threads);
 }
 
-// act = silu(gate) * up with torch's roundings: silu's result rounded to T, then the product.
-template <typename T>
-void silu_mul(const T* gu, T* act, int64_t M, int64_t I) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* g = gu + m * 2 * I;
-    const T* u = g + I;
-    T* a = act + m * I;
-    for (int64_t i = 0; i < I; ++i) {
-      const float x = to_float(g[i]);
-      const float silu = round_to(x / (1.f + std::exp(-x)), a);
-      put(a + i, silu * to_float(u[i]));
-    }
-  }
+inline void silu_mul(const uint16_t* gu, uint16_t* act, int64_t M, int64_t I, int t) {
+  tm_silu_mul_bf16(gu, act, M, I, t);
+}
+inline void silu_mul(const float* gu, float* act, int64_t M, int64_t I, int t) {
+  tm_silu_mul_f32(gu, act, M, I, t);
 }
 
 // Returns -1, or the row whose position is outside the rotary table (nothing written then).
@@ -187,7 +181,7 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
     matmul(h, M, HQD, L.o_w, L.o_s, H, x, s.threads);
     norm(x, res, res, L.post_norm, h, M, H, c.eps, s.threads);
     matmul(h, M, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
-    silu_mul(gu, act, M, c.I);
+    silu_mul(gu, act, M, c.I, s.threads);
     matmul(act, M, c.I, L.down_w, L.down_s, H, x, s.threads);
   }
   return -1;
