@@ -16,7 +16,13 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import TorchPagedAttention
-from tokenmill.layers.quant import Int4Weight, QuantWeight, ResidualWeight, W4A8Weight
+from tokenmill.layers.quant import (
+    Int4Weight,
+    QuantWeight,
+    ResidualWeight,
+    W4A8Weight,
+    W8A8Weight,
+)
 from tokenmill.runner.loading import load_model
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536),
@@ -52,6 +58,23 @@ def kernels() -> None:
                   f"| {tb / ti:.2f}x | {tb / t8:.2f}x |")
 
 
+def heads() -> None:
+    """The LM head as each method serves it: int4 + int4 residual (aten, two passes) and
+    w4a8's int8 weights x int8 activations (one pass)."""
+    n, k = SHAPES["LM head"]
+    w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
+    int4, _ = ResidualWeight.quantize(w, torch.bfloat16)
+    int8, _ = W8A8Weight.quantize(w, torch.bfloat16)
+    print("\n| LM head rows | bf16 us | int4 + residual us | w4a8 head (int8) us | bf16 / int8 |"
+          "\n|---|---:|---:|---:|---:|")
+    for rows in (1, 8, 32, 64):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        tb = timed(lambda: torch.nn.functional.linear(x, w), 10)  # noqa: B023
+        ti = timed(lambda: int4.matmul(x), 10)  # noqa: B023
+        t8 = timed(lambda: int8.matmul(x), 10)  # noqa: B023
+        print(f"| {rows} | {tb:.0f} | {ti:.0f} | {t8:.0f} | {tb / t8:.2f}x |")
+
+
 def head_agreement() -> None:
     from tokenmill.frontend.llm_engine import load_tokenizer
 
@@ -71,8 +94,10 @@ def head_agreement() -> None:
         heads: dict[str, QuantWeight] = {
             "int4": Int4Weight.quantize(w, torch.float32)[0],
             "int4 + int4 residual": ResidualWeight.quantize(w, torch.float32)[0],
-            "w4a8 (int4 + residual, int8 activations)":
+            "int4 + residual, int8 activations":
                 ResidualWeight.quantize(w, torch.float32, W4A8Weight)[0],
+            "w4a8's: int8 weights (Q8_0-like), int8 activations":
+                W8A8Weight.quantize(w, torch.float32)[0],
         }
         for name, head in heads.items():
             logits = head.matmul(h)
@@ -87,6 +112,7 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads")
     kernels()
+    heads()
     head_agreement()
 
 

@@ -1,10 +1,11 @@
 """--quantize int4 / w4a8 on the default model (Q4_1 GGUF): greedy output through aten's packed
-int4 kernel equals the same model run on its dequantized weights; w4a8 (int8 activations)
-stays with it."""
+int4 kernel equals the same model run on its dequantized weights; w4a8 (int8 activations, the
+int8 head) stays close to the unquantized model."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tokenmill.layers.quant import Int4Weight
 from tokenmill.protocol import SamplingParams
@@ -28,14 +29,51 @@ def test_int4_greedy_equals_dequantized_reference(monkeypatch: pytest.MonkeyPatc
     assert all(len(t) == 16 for t in fast)
 
 
-def test_w4a8_greedy_follows_int4() -> None:
+TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin. Both cities are",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+         "Once upon a time, in a small village at the edge of the forest, there lived an old",
+         "Photosynthesis is the process by which green plants use sunlight to"]
+
+
+def _teacher_forced_logits(quantize: str | None) -> torch.Tensor:
+    from tokenmill.config import ModelConfig
+    from tokenmill.frontend.llm_engine import load_tokenizer
+    from tokenmill.layers.attention import TorchPagedAttention
+    from tokenmill.runner.loading import load_model
+
+    lm = load_model(ModelConfig(dtype="bfloat16", quantize=quantize))
+    model, tok = lm.model, load_tokenizer(lm.source)
+    model.bind_kv_cache(torch.zeros(model.kv_cache_shape(64, 16), dtype=torch.bfloat16))
+    out = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            ids = tok.encode(text)
+            meta = TorchPagedAttention().build_metadata([len(ids)], [len(ids)],
+                                                        [list(range(64))], 16, None,
+                                                        torch.device("cpu"))
+            hidden = model(torch.tensor(ids), torch.arange(len(ids)), meta)
+            out.append(model.compute_logits(hidden).float())
+    return torch.cat(out)
+
+
+def test_w4a8_stays_close_to_the_unquantized_model() -> None:
+    """Every position of a few texts, teacher-forced: int8 activations on the int4 layers and
+    the int8 head keep the unquantized model's top token (measured: 68 of 68, KL 0.007)."""
+    ref, fast = _teacher_forced_logits(None), _teacher_forced_logits("w4a8")
+    assert len(ref) > 60
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    kl = torch.nn.functional.kl_div(fast.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert 0 < kl < 0.02
+
+
+def test_w4a8_generates_through_the_fused_stack() -> None:
     from tokenmill.llm import LLM
 
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
     out = {}
-    for method in ("int4", "w4a8"):
+    for method in (None, "w4a8"):
         llm = LLM(dtype="bfloat16", device="cpu", quantize=method, max_batch_total_tokens=4096)
-        out[method] = [llm.generate([p], params)[0].token_ids for p in PROMPTS]
-    # Rounding the activations moves the logits a little; on these prompts the greedy paths
-    # stay together for 19 and 32 tokens (measured), so 16 must agree.
-    assert out["w4a8"] == out["int4"]
+        out[method] = llm.generate(["def fibonacci(n):"], params)[0].token_ids
+    # On this prompt the greedy paths stay together for 32 tokens (measured).
+    assert out["w4a8"] == out[None] and len(out[None]) == 16

@@ -1,6 +1,6 @@
-"""The int4 x int8 kernel (`--quantize w4a8`, kernels/csrc/w4a8.cpp): its packed layout, its
-arithmetic against a float64 reference that rounds the activations the same way, batch
-invariance, and the portable scalar build giving the vector build's bits."""
+"""The int4 x int8 and int8 x int8 kernels (`--quantize w4a8`, kernels/csrc/w4a8.cpp): their
+packed layouts, their arithmetic against a float64 reference that rounds the activations the
+same way, batch invariance, and the portable scalar build giving the vector build's bits."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tokenmill.layers.quant import (
     GROUP_SIZE,
     ResidualWeight,
     W4A8Weight,
+    W8A8Weight,
     int4_groups,
     quantize_activations,
 )
@@ -47,6 +48,35 @@ def test_pack_puts_each_nibble_where_the_kernel_reads_it() -> None:
         byte = int(packed[tile, g, 64 * j + 4 * r + i])
         assert (byte >> 4 if half else byte & 15) == int(q[row, col])
         assert torch.equal(scales[tile, g, r], sz[row, g])
+
+
+def test_int8_pack_puts_each_byte_where_the_kernel_reads_it() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (32, 64), generator=gen, dtype=torch.int32)
+    d = torch.rand(32, 2, generator=gen)
+    packed, scales = W8A8Weight.pack(q, d)
+    assert packed.shape == (2, 2, 512) and scales.shape == (2, 2, 16)
+    for row, col in [(0, 0), (5, 3), (17, 36), (31, 63)]:
+        tile, r, g, kk = row // 16, row % 16, col // 32, col % 32
+        assert int(packed[tile, g, 64 * (kk // 4) + 4 * r + kk % 4]) == int(q[row, col]) + 128
+        assert scales[tile, g, r] == d[row, g]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", [(16, 32, 1), (48, 576, 5), (32, 64, 150)])
+def test_int8_kernel_equals_its_reference(n: int, k: int, m: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=gen)
+    w[2, :32] = 0  # an all-zero group: d = 0
+    qw, ref_w = W8A8Weight.quantize(w, dtype)
+    assert (ref_w - w).abs().max() <= w.abs().max() / 254 + 1e-6  # half a step of 8 bits
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = qw.matmul(x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), _reference(x, ref_w), atol=1e-4, rtol=1e-5)
+    else:
+        torch.testing.assert_close(y.double(), _reference(x, ref_w), atol=1e-3, rtol=2 ** -8)
 
 
 def test_activation_rounding() -> None:
@@ -115,9 +145,12 @@ def test_portable_build_gives_the_same_bits(tmp_path: Path) -> None:
     portable = CpuKernels(ctypes.CDLL(str(path)), path)
     assert not portable.w4a8_vnni
     gen = torch.Generator().manual_seed(5)
-    qw, _ = W4A8Weight.quantize(torch.randn(48, 192, generator=gen), torch.bfloat16)
+    w = torch.randn(48, 192, generator=gen)
+    q4, _ = W4A8Weight.quantize(w, torch.bfloat16)
+    q8, _ = W8A8Weight.quantize(w, torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 192, generator=gen).to(dtype)
-        fast = native.w4a8_matmul(x, qw.packed, qw.scales)
-        slow = portable.w4a8_matmul(x, qw.packed, qw.scales)
-        assert torch.equal(fast, slow)
+        assert torch.equal(native.w4a8_matmul(x, q4.packed, q4.scales),
+                           portable.w4a8_matmul(x, q4.packed, q4.scales))
+        assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
+                           portable.w8a8_matmul(x, q8.packed, q8.scales))

@@ -12,7 +12,13 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.layers import linear as linear_mod
 from tokenmill.layers.attention import TorchPagedAttention
-from tokenmill.layers.quant import Int4Weight, ResidualWeight, W4A8Weight, quantize_model
+from tokenmill.layers.quant import (
+    Int4Weight,
+    ResidualWeight,
+    W4A8Weight,
+    W8A8Weight,
+    quantize_model,
+)
 from tokenmill.loader import ModelLoadError
 from tokenmill.runner.loading import load_model
 
@@ -79,8 +85,11 @@ def test_tiny_model_quantized_paths_equal_dequantized_reference(
     kind = Int4Weight if method == "int4" else W4A8Weight
     linears = [m for m in model.modules() if isinstance(m, linear_mod.Linear)]
     assert linears and all(isinstance(m.quant, kind) for m in linears if m is not model.lm_head)
-    assert isinstance(model.lm_head.quant, ResidualWeight)
-    assert isinstance(model.lm_head.quant.main, kind)
+    if method == "int4":
+        assert isinstance(model.lm_head.quant, ResidualWeight)
+        assert isinstance(model.lm_head.quant.main, Int4Weight)
+    else:  # one int8 pass
+        assert isinstance(model.lm_head.quant, W8A8Weight)
     # The weights really changed (to their dequantized int4 values), not by much.
     w0, w1 = plain.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight
     assert 0 < (w0 - w1).abs().max() < 0.05
@@ -102,7 +111,8 @@ def test_tiny_model_quantized_paths_equal_dequantized_reference(
         return torch.cat(out)
 
     fast = logits(model)
-    monkeypatch.setattr(kind, "max_rows", -1)  # every matmul on the dequantized weight
+    for cls in (kind, W8A8Weight):  # every matmul on the dequantized weight
+        monkeypatch.setattr(cls, "max_rows", -1)
     reference = logits(model)
     if method == "int4":
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)

@@ -31,7 +31,7 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 10
+ABI_VERSION = 11
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -72,6 +72,10 @@ class CpuKernels:
                       torch.float32: lib.tm_w4a8_matmul_f32}
         for fn in self._w4a8.values():
             fn.argtypes, fn.restype = _W4A8_ARGS, None
+        self._w8a8 = {torch.bfloat16: lib.tm_w8a8_matmul_bf16,
+                      torch.float32: lib.tm_w8a8_matmul_f32}
+        for fn in self._w8a8.values():
+            fn.argtypes, fn.restype = _W4A8_ARGS, None
         self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
         # The whole decoder stack of a w4a8 decode step (models/fused_decode.py builds the
         # structures it takes).
@@ -95,6 +99,17 @@ class CpuKernels:
         n = packed.shape[0] * W4A8_TILE
         y = torch.empty(m, n, dtype=x.dtype)
         self._w4a8[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
+                            scales.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+        return y
+
+    def w8a8_matmul(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
+                    ) -> torch.Tensor:
+        """As `w4a8_matmul` with int8 weights: packed uint8 [N/16, K/32, 512] and scales
+        float32 [N/16, K/32, 16] as `W8A8Weight.pack` lays them out."""
+        m, k = x.shape
+        n = packed.shape[0] * W4A8_TILE
+        y = torch.empty(m, n, dtype=x.dtype)
+        self._w8a8[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
                             scales.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
         return y
 

@@ -140,6 +140,59 @@ class W4A8Weight(QuantWeight):
         return self.kernels.w4a8_matmul(x, self.packed, self.scales)
 
 
+class W8A8Weight(QuantWeight):
+    """int8 weights, symmetric per group of 32 (w = d·q, q in -127..127, d float32: GGUF's
+    Q8_0), times int8 activations on the native kernel (`CpuKernels.w8a8_matmul`): the LM head
+    of a w4a8 model, in one pass where int4 + an int4 residual took two."""
+
+    max_rows = 1 << 62  # as W4A8Weight
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, kernels: CpuKernels) -> None:
+        tiles, groups, size = packed.shape
+        assert packed.dtype == torch.uint8 and size == W4A8_TILE * GROUP_SIZE
+        assert scales.dtype == torch.float32 and scales.shape == (tiles, groups, W4A8_TILE)
+        self.packed, self.scales = packed.contiguous(), scales.contiguous()
+        self.kernels = kernels
+        self.out_features, self.in_features = tiles * W4A8_TILE, groups * GROUP_SIZE
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[W8A8Weight, torch.Tensor]:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise RuntimeError("w8a8 needs the native CPU kernels (a C++ compiler)")
+        n, k = weight.shape
+        if k % GROUP_SIZE or n % W4A8_TILE:
+            raise ValueError(f"int8: weight {tuple(weight.shape)} needs in_features % "
+                             f"{GROUP_SIZE} == 0 and out_features % {W4A8_TILE} == 0")
+        w = weight.detach().float().view(n, k // GROUP_SIZE, GROUP_SIZE)
+        d = w.abs().amax(-1) / 127
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        q = (w / safe.unsqueeze(-1)).round_().clamp_(-127, 127)
+        reference = (q * d.unsqueeze(-1)).view(n, k)
+        return cls(*cls.pack(q.to(torch.int32).view(n, k), d), kernels), reference
+
+    @staticmethod
+    def pack(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [N, K] in -127..127 and d [N, K/32] -> the kernel's layout: uint8
+        [N/16, K/32, 512] where byte (c, r, i) holds q + 128 of row r at k = 4c + i, and
+        float32 [N/16, K/32, 16]."""
+        n, k = q.shape
+        t, g = n // W4A8_TILE, k // GROUP_SIZE
+        v = (q + 128).to(torch.uint8).view(t, W4A8_TILE, g, 8, 4).permute(0, 2, 3, 1, 4)
+        packed = v.reshape(t, g, W4A8_TILE * GROUP_SIZE)
+        scales = d.float().view(t, W4A8_TILE, g).permute(0, 2, 1)
+        return packed.contiguous(), scales.contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"w8a8: cannot multiply {tuple(x.shape)} by "
+                             f"[{self.out_features}, {self.in_features}]^T")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        return self.kernels.w8a8_matmul(x, self.packed, self.scales)
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The w4a8 kernel's activation rounding in torch (for tests and references): x [M, K] ->
     (a8 [M, K] float32 integers in -127..127, d [M, K/32] float32), x ≈ a8 · d per group."""
@@ -179,9 +232,9 @@ class ResidualWeight(QuantWeight):
 
 
 def quantize_model(model: torch.nn.Module, method: str, dtype: torch.dtype) -> int:
-    """Quantize every eligible `Linear` of a loaded model in place (int4, the LM head int4 with
-    an int4 residual); returns how many layers were quantized. CPU only. w4a8 without the
-    native kernels (no compiler) falls back to int4, with a warning."""
+    """Quantize every eligible `Linear` of a loaded model in place (int4: the LM head int4 with
+    an int4 residual; w4a8: the LM head int8); returns how many layers were quantized. CPU
+    only. w4a8 without the native kernels (no compiler) falls back to int4, with a warning."""
     from tokenmill.layers.linear import Linear
 
     if method not in QUANTIZE_METHODS:
@@ -199,7 +252,9 @@ def quantize_model(model: torch.nn.Module, method: str, dtype: torch.dtype) -> i
         k, rows = module.in_features, module.out_features
         if k % GROUP_SIZE or rows % 16:
             continue  # an odd shape stays in full precision
-        if name == "lm_head":
+        if name == "lm_head" and kind is W4A8Weight:
+            module.quant, reference = W8A8Weight.quantize(module.weight, dtype)
+        elif name == "lm_head":
             module.quant, reference = ResidualWeight.quantize(module.weight, dtype, kind)
         else:
             module.quant, reference = kind.quantize(module.weight, dtype)

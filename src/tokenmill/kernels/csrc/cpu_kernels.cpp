@@ -484,7 +484,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 10; }
+int tm_abi_version() { return 11; }
 
 #define TM_LORA_SGMV(NAME, T)                                                                 \
   void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \

@@ -15,6 +15,11 @@
 // its low nibbles and quad j + 4 in its high ones; then the scales as [tile][group][row](s, z)
 // bfloat16 pairs, 64 bytes per tile and group.
 //
+// int8 weights (`W8A8Weight`, the LM head of a w4a8 model, GGUF's Q8_0 arithmetic): w = d * q
+// with q in -127..127 per group of 32 and d float32; stored as q + 128 (unsigned, for
+// vpdpbusd) in 8 vectors of 64 = [row r][4 consecutive k] bytes per tile and group, vector c
+// holding k-quad c; the scales [tile][group][row] float32.
+//
 // Every output row is computed by the same sequence of float operations whatever the other
 // rows are (batch invariance), and the scalar path (no VNNI) performs the same operations as
 // the vector one, so both give the same bits.
@@ -34,7 +39,8 @@ namespace {
 
 constexpr int64_t GS = 32;          // quantization group along K (weights and activations)
 constexpr int64_t TN = 16;          // output rows per tile
-constexpr int64_t WB = TN * GS / 2;  // packed weight bytes per tile and group
+constexpr int64_t WB = TN * GS / 2;  // packed int4 weight bytes per tile and group
+constexpr int64_t WB8 = TN * GS;     // packed int8 weight bytes per tile and group
 constexpr int64_t MB = 8;           // activation rows per pass over a tile's weights
 constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
 
@@ -86,9 +92,10 @@ inline void quantize_group(const float* v, int8_t* q, float* d, int32_t* sum) {
 
 // A row's group of quantized activations, as the tile loop consumes it.
 struct Act {
-  float d;       // the scale
-  float dsum;    // d * sum(a8): z's coefficient
-  int32_t corr;  // -8 * sum(a8): the integer dot product's start (q is stored + 8)
+  float d;        // the scale
+  float dsum;     // d * sum(a8): z's coefficient (int4 weights)
+  int32_t corr;   // -8 * sum(a8): the integer dot product's start (int4 q is stored + 8)
+  int32_t corr8;  // -128 * sum(a8): the same for int8 weights (q stored + 128)
 };
 
 template <typename T>
@@ -105,6 +112,7 @@ void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* x
     quantize_group(v, xq + m * K + g * GS, &act[mg].d, &sum);
     act[mg].dsum = act[mg].d * float(sum);
     act[mg].corr = -8 * sum;
+    act[mg].corr8 = -128 * sum;
   }
 }
 
@@ -180,9 +188,69 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
 #endif
 }
 
-template <typename T>
-void w4a8_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
-                 const uint16_t* sz, int64_t N, T* y, int64_t y_stride, int threads) {
+// The int8-weight tile: y[m][0:16] = x_m . W_tile with w = d * q; 8 vpdpbusd and 2 float
+// operations per row and group, no unpacking.
+template <typename T, int NR>
+inline void tile_rows8(const uint8_t* w, const float* dw, int64_t G, const int8_t* xq,
+                       const Act* act, int64_t K, T* y, int64_t y_stride) {
+#if TM_W4A8_VNNI
+  __m512 acc[NR];
+  for (int m = 0; m < NR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB8;
+    __m512i q[8];
+    for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(wg + 64 * c);
+    const __m512 d = _mm512_loadu_ps(dw + g * TN);
+    for (int m = 0; m < NR; ++m) {
+      const int8_t* a = xq + m * K + g * GS;
+      const Act& p = act[m * G + g];
+      __m512i t0 = _mm512_set1_epi32(p.corr8), t1 = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        t0 = _mm512_dpbusd_epi32(t0, q[c], _mm512_set1_epi32(quad(a + 4 * c)));
+        t1 = _mm512_dpbusd_epi32(t1, q[c + 4], _mm512_set1_epi32(quad(a + 16 + 4 * c)));
+      }
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1));
+      acc[m] = _mm512_fmadd_ps(f, _mm512_mul_ps(d, _mm512_set1_ps(p.d)), acc[m]);
+    }
+  }
+  for (int m = 0; m < NR; ++m) {
+    alignas(64) float out[TN];
+    _mm512_store_ps(out, acc[m]);
+    for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, out[r]);
+  }
+#else
+  float acc[NR][TN] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB8;
+    for (int m = 0; m < NR; ++m) {
+      const int8_t* a = xq + m * K + g * GS;
+      const Act& p = act[m * G + g];
+      for (int64_t r = 0; r < TN; ++r) {
+        int32_t t = p.corr8;
+        for (int c = 0; c < 8; ++c)
+          for (int i = 0; i < 4; ++i) t += int32_t(wg[64 * c + 4 * r + i]) * a[4 * c + i];
+        acc[m][r] = std::fma(float(t), dw[g * TN + r] * p.d, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < NR; ++m)
+    for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, acc[m][r]);
+#endif
+}
+
+// Both weight kinds: BITS 4 (scales: bfloat16 (s, z) pairs) or 8 (float32 d).
+template <typename T, int BITS, int NR>
+inline void tile(const uint8_t* w, const void* sc, int64_t G, const int8_t* xq, const Act* act,
+                 int64_t K, T* y, int64_t y_stride) {
+  if constexpr (BITS == 4)
+    tile_rows<T, NR>(w, static_cast<const uint16_t*>(sc), G, xq, act, K, y, y_stride);
+  else
+    tile_rows8<T, NR>(w, static_cast<const float*>(sc), G, xq, act, K, y, y_stride);
+}
+
+template <typename T, int BITS>
+void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
+                  const void* sc, int64_t N, T* y, int64_t y_stride, int threads) {
   const int64_t G = K / GS;
   // The quantized rows are shared by every thread; the buffers are reused across calls.
   thread_local std::vector<int8_t> q_buf;
@@ -194,25 +262,27 @@ void w4a8_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8
   quantize_rows(x, x_stride, M, K, xq, act, threads);
   // Work items: (chunk of MC rows, tile), tiles innermost, so a thread's items share a chunk,
   // whose int8 rows stay in cache while the tiles' weights stream past.
+  constexpr int64_t tile_bytes = BITS == 4 ? WB : WB8;
+  constexpr int64_t tile_scales = 4 * TN;  // bytes per tile and group: (s, z) bf16 or d f32
   const int64_t tiles = N / TN, chunks = (M + MC - 1) / MC;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t item = 0; item < chunks * tiles; ++item) {
-    const int64_t tile = item % tiles, c = item / tiles;
-    const uint8_t* wt = w + tile * G * WB;
-    const uint16_t* st = sz + tile * G * 2 * TN;
+    const int64_t t = item % tiles, c = item / tiles;
+    const uint8_t* wt = w + t * G * tile_bytes;
+    const void* st = static_cast<const char*>(sc) + t * G * tile_scales;
     for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
       const int8_t* q = xq + m0 * K;
       const Act* a = act + m0 * G;
-      T* out = y + m0 * y_stride + tile * TN;
+      T* out = y + m0 * y_stride + t * TN;
       switch (std::min(MB, M - m0)) {
-        case 1: tile_rows<T, 1>(wt, st, G, q, a, K, out, y_stride); break;
-        case 2: tile_rows<T, 2>(wt, st, G, q, a, K, out, y_stride); break;
-        case 3: tile_rows<T, 3>(wt, st, G, q, a, K, out, y_stride); break;
-        case 4: tile_rows<T, 4>(wt, st, G, q, a, K, out, y_stride); break;
-        case 5: tile_rows<T, 5>(wt, st, G, q, a, K, out, y_stride); break;
-        case 6: tile_rows<T, 6>(wt, st, G, q, a, K, out, y_stride); break;
-        case 7: tile_rows<T, 7>(wt, st, G, q, a, K, out, y_stride); break;
-        default: tile_rows<T, MB>(wt, st, G, q, a, K, out, y_stride);
+        case 1: tile<T, BITS, 1>(wt, st, G, q, a, K, out, y_stride); break;
+        case 2: tile<T, BITS, 2>(wt, st, G, q, a, K, out, y_stride); break;
+        case 3: tile<T, BITS, 3>(wt, st, G, q, a, K, out, y_stride); break;
+        case 4: tile<T, BITS, 4>(wt, st, G, q, a, K, out, y_stride); break;
+        case 5: tile<T, BITS, 5>(wt, st, G, q, a, K, out, y_stride); break;
+        case 6: tile<T, BITS, 6>(wt, st, G, q, a, K, out, y_stride); break;
+        case 7: tile<T, BITS, 7>(wt, st, G, q, a, K, out, y_stride); break;
+        default: tile<T, BITS, MB>(wt, st, G, q, a, K, out, y_stride);
       }
     }
   }
@@ -231,12 +301,14 @@ int tm_w4a8_vnni() {
 #endif
 }
 
-#define TM_W4A8(NAME, T)                                                                      \
-  void NAME(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,             \
-            const uint16_t* sz, int64_t N, T* y, int64_t y_stride, int threads) {             \
-    w4a8_matmul(x, x_stride, M, K, w, sz, N, y, y_stride, threads);                           \
+#define TM_QUANT_MATMUL(NAME, T, BITS, S)                                                     \
+  void NAME(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w, const S* sc,  \
+            int64_t N, T* y, int64_t y_stride, int threads) {                                   \
+    quant_matmul<T, BITS>(x, x_stride, M, K, w, sc, N, y, y_stride, threads);                  \
   }
-TM_W4A8(tm_w4a8_matmul_bf16, uint16_t)
-TM_W4A8(tm_w4a8_matmul_f32, float)
+TM_QUANT_MATMUL(tm_w4a8_matmul_bf16, uint16_t, 4, uint16_t)
+TM_QUANT_MATMUL(tm_w4a8_matmul_f32, float, 4, uint16_t)
+TM_QUANT_MATMUL(tm_w8a8_matmul_bf16, uint16_t, 8, float)
+TM_QUANT_MATMUL(tm_w8a8_matmul_f32, float, 8, float)
 
 }  // extern "C"
