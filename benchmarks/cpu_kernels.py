@@ -81,11 +81,11 @@ def attention(dtype: torch.dtype, rounds: int) -> None:
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
         meta = backend.build_metadata([1] * batch, [ctx] * batch, tables, bs, None,
                                       torch.device("cpu"))
-        g = meta.groups[0]
-        assert g.bounds is not None
+        g, rows = meta.groups[0], meta.rows
+        assert rows is not None
         q = torch.randn(batch, hq, d, dtype=dtype)
-        tn = best_us(partial(kern.paged_decode, q, cache, g.block_tables, g.bounds, g.max_keys,
-                             d ** -0.5), rounds, n=20)
+        tn = best_us(partial(kern.paged_decode, q, cache, rows.tables, rows.bounds,
+                             rows.max_keys, d ** -0.5, rows.seq), rounds, n=20)
         tt = best_us(partial(_torch_decode, backend, q, cache, g), rounds, n=20)
         print(f"  {batch:>5} {ctx:>7} {tn:8.0f} {tt:8.0f} {tt / tn:5.1f}x")
 

@@ -67,13 +67,20 @@ def test_w4a8_stays_close_to_the_unquantized_model() -> None:
     assert 0 < kl < 0.02
 
 
-def test_w4a8_generates_through_the_fused_stack() -> None:
+def test_w4a8_generates_through_the_fused_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real engine run of a w4a8 model: its prefill and decode steps go through the fused
+    stack, and give the layer-by-layer path's tokens exactly (batched, with mixed steps)."""
     from tokenmill.llm import LLM
+    from tokenmill.models.fused_stack import FusedStack
 
+    calls = []
+    run = FusedStack.run
+    monkeypatch.setattr(FusedStack, "run", lambda self, *a: calls.append(1) or run(self, *a))
     params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    out = {}
-    for method in (None, "w4a8"):
-        llm = LLM(dtype="bfloat16", device="cpu", quantize=method, max_batch_total_tokens=4096)
-        out[method] = llm.generate(["def fibonacci(n):"], params)[0].token_ids
-    # On this prompt the greedy paths stay together for 32 tokens (measured).
-    assert out["w4a8"] == out[None] and len(out[None]) == 16
+    llm = LLM(dtype="bfloat16", device="cpu", quantize="w4a8", max_batch_total_tokens=4096)
+    fused = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert len(calls) >= 16 and all(len(t) == 16 for t in fused)
+    llm.engine.core.runner.model.fused_stack = None  # type: ignore[attr-defined]
+    calls.clear()
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == fused
+    assert not calls

@@ -31,13 +31,13 @@ SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 11
+ABI_VERSION = 12
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I,
                          _P, _P, ctypes.c_int]
-_DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _I, _I, _I,
+_DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _I, _I, _I,
                            ctypes.c_float, _P, _I, ctypes.c_int]
 _NORM_ARGS: list[Any] = [_P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]
 _ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int]
@@ -77,7 +77,7 @@ class CpuKernels:
         for fn in self._w8a8.values():
             fn.argtypes, fn.restype = _W4A8_ARGS, None
         self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
-        # The whole decoder stack of a w4a8 decode step (models/fused_decode.py builds the
+        # The whole decoder stack of a w4a8 decode step (models/fused_stack.py builds the
         # structures it takes).
         self.decode_stack = {torch.bfloat16: lib.tm_decode_stack_bf16,
                              torch.float32: lib.tm_decode_stack_f32}
@@ -225,14 +225,18 @@ class CpuKernels:
                 and q.shape[2] == d and hq % hk == 0 and hq // hk * d <= MAX_DECODE_GROUP_DIM)
 
     def paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
-                     bounds: torch.Tensor, max_keys: int, scale: float) -> torch.Tensor:
-        """Decode attention read straight from the paged cache (see the C++ source).
+                     bounds: torch.Tensor, max_keys: int, scale: float,
+                     row_seq: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention read straight from the paged cache, each query row on its own (see the
+        C++ source): decode rows, and prefill rows once their keys are in the cache.
 
-        tables [B, max_blocks] int64 block ids, bounds [B, 2] int64 key range [start, end) per
-        sequence, max_keys >= every end - start. Returns out [B, Hq, D]."""
+        tables [S, max_blocks] int64 block ids per sequence; row_seq [B] int64 each row's
+        sequence (None: row b is sequence b); bounds [B, 2] int64 the key positions
+        [start, end) of each row, max_keys >= every end - start. Returns out [B, Hq, D]."""
         b, hq, d = q.shape
         _, hk, n_blocks, bs, _ = kv_cache.shape
         assert tables.dtype == bounds.dtype == torch.int64 and tables.is_contiguous()
+        assert row_seq is None or (row_seq.dtype == torch.int64 and row_seq.is_contiguous())
         threads = torch.get_num_threads()
         out = torch.empty(b, hq, d, dtype=q.dtype)
         scratch = torch.empty(threads * (hq // hk) * max(max_keys, 1), dtype=torch.float32)
@@ -240,8 +244,10 @@ class CpuKernels:
         k_ptr = kv_cache.data_ptr()
         self._decode[q.dtype](q.data_ptr(), q.stride(0), out.data_ptr(), k_ptr,
                               k_ptr + hk * head * kv_cache.element_size(), head, bs, d,
-                              tables.data_ptr(), tables.stride(0), bounds.data_ptr(), b, hq, hk,
-                              scale, scratch.data_ptr(), max(max_keys, 1), threads)
+                              tables.data_ptr(), tables.stride(0),
+                              None if row_seq is None else row_seq.data_ptr(),
+                              bounds.data_ptr(), b, hq, hk, scale, scratch.data_ptr(),
+                              max(max_keys, 1), threads)
         return out
 
 

@@ -6,6 +6,8 @@ layout batched matmuls take without another copy.
 Each step the runner builds one `AttentionMetadata` for the whole flat batch of tokens; every
 layer writes its new K/V through `slot_mapping` and reads each sequence's context through its
 block table, so prefill, chunked prefill over an existing cache, and decode share one path.
+On CPU with the native kernels every row (decode or prefill) is its own query read straight
+from the cache (`RowKeys`); the gather + SDPA / batched-matmul paths are the fallback.
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ class SeqGroup:
     whole_batch: bool = False  # the rows are exactly 0..T-1 in order (a decode-only step)
     # One sequence: the key positions it attends to, [start, end) (no mask needed).
     key_range: tuple[int, int] | None = None
-    # Decode groups: each sequence's key range [start, end) as int64 [B, 2] on the host, and
-    # the longest one (the native CPU decode kernel reads these instead of the mask).
-    bounds: torch.Tensor | None = None
-    max_keys: int = 0
+
+
+@dataclass
+class RowKeys:
+    """Every row of the step as its own query, the native CPU kernel's view of any step
+    (decode, prefill, mixed): the sequence it belongs to, that sequence's block table, and the
+    key positions [start, end) it attends to (causal, and windowed). Host int64 tensors."""
+
+    seq: torch.Tensor  # [T] index into tables
+    tables: torch.Tensor  # [S, max_blocks], padded with block 0
+    bounds: torch.Tensor  # [T, 2]
+    max_keys: int  # the longest end - start
 
 
 @dataclass
@@ -44,6 +54,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     groups: list[SeqGroup]
     num_tokens: int
+    rows: RowKeys | None = None  # built for CPU steps
 
 
 class AttentionBackend(abc.ABC):
@@ -103,7 +114,9 @@ class TorchPagedAttention(AttentionBackend):
                                       [block_tables[i]], block_size, sliding_window, device))
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            groups=groups, num_tokens=pos)
+            groups=groups, num_tokens=pos,
+            rows=(_row_keys(query_lens, context_lens, block_tables, block_size, sliding_window)
+                  if device.type == "cpu" else None))
 
     @staticmethod
     def _group(starts: list[int], qlens: list[int], ctxs: list[int], tables: list[list[int]],
@@ -125,14 +138,8 @@ class TorchPagedAttention(AttentionBackend):
         key_range = None
         if len(ctxs) == 1:
             key_range = (0 if window is None else max(0, ctxs[0] - window), ctxs[0])
-        bounds = None
-        if nq == 1:
-            bounds = torch.tensor([(0 if window is None else max(0, c - window), c)
-                                   for c in ctxs], dtype=torch.long)
         return SeqGroup(token_index=index.to(device), block_tables=table.to(device),
-                        mask=mask[:, None].to(device), num_queries=nq, key_range=key_range,
-                        bounds=bounds, max_keys=max(ctxs) if window is None else min(
-                            max(ctxs), window))
+                        mask=mask[:, None].to(device), num_queries=nq, key_range=key_range)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -143,12 +150,13 @@ class TorchPagedAttention(AttentionBackend):
             kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
                 1, meta.slot_mapping, new.transpose(0, 1) if same
                 else new.transpose(0, 1).to(kv_cache.dtype))
+        per_row = meta.rows
+        if (per_row is not None and (kern := cpu_kernels()) is not None
+                and kern.supports_decode(q, kv_cache)):  # every row straight from the cache
+            return kern.paged_decode(q, kv_cache, per_row.tables, per_row.bounds,
+                                     per_row.max_keys, scale, per_row.seq)
         if len(meta.groups) == 1 and meta.groups[0].whole_batch:  # decode only: no scatter
             g = meta.groups[0]
-            if (g.bounds is not None and (kern := cpu_kernels()) is not None
-                    and kern.supports_decode(q, kv_cache)):  # straight from the cache
-                return kern.paged_decode(q, kv_cache, g.block_tables, g.bounds, g.max_keys,
-                                         scale)
             kg, vg = _gather(kv_cache[0], g.block_tables), _gather(kv_cache[1], g.block_tables)
             if g.key_range is not None and q.device.type == "cpu":
                 return self._decode_one(q, kg, vg, g.key_range, scale)
@@ -200,6 +208,23 @@ class TorchPagedAttention(AttentionBackend):
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hk * b, g, ctx)
         o = torch.bmm(probs, v.view(hk * b, ctx, d)).view(hk, b, g, d)
         return o.transpose(0, 1).reshape(b, hq, d)
+
+
+def _row_keys(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, window: int | None) -> RowKeys:
+    qlens = torch.tensor(query_lens, dtype=torch.long)
+    ctxs = torch.tensor(context_lens, dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens)), qlens)
+    first = torch.cumsum(qlens, 0) - qlens  # each sequence's first row
+    end = (ctxs - qlens)[seq] + torch.arange(len(seq)) - first[seq] + 1  # position + 1
+    start = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
+    nblocks = max(-(-c // block_size) for c in context_lens)
+    tables = torch.zeros(len(block_tables), nblocks, dtype=torch.long)
+    for r, (t, c) in enumerate(zip(block_tables, context_lens)):
+        n = -(-c // block_size)
+        tables[r, :n] = torch.tensor(t[:n], dtype=torch.long)
+    return RowKeys(seq=seq, tables=tables, bounds=torch.stack([start, end], 1).contiguous(),
+                   max_keys=int((end - start).max()))
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.models.fused_decode import DecodeStack
+from tokenmill.models.fused_stack import FusedStack
 
 
 @dataclass(frozen=True)
@@ -182,17 +182,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # type: ignore[assignment]
-        # Small decode steps of a w4a8 model on CPU: the layers in one native call (set when
+        # Steps of a w4a8 model on CPU: the layers in one native call (set when
         # the cache is bound, if the model qualifies).
-        self.fused_decode: DecodeStack | None = None
+        self.fused_stack: FusedStack | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden]; `compute_logits` projects the rows kept."""
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        if self.fused_decode is not None and self.fused_decode.takes(x, meta):
-            x, residual = self.fused_decode.run(x, positions, meta)
+        if self.fused_stack is not None and self.fused_stack.takes(x, meta):
+            x, residual = self.fused_stack.run(x, positions, meta)
         else:
             for layer in self.layers:
                 x, residual = layer(positions, x, residual, meta)
@@ -209,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
     def bind_kv_cache(self, cache: torch.Tensor) -> None:
         for i, layer in enumerate(self.layers):
             layer.self_attn.kv_cache = cache[i]  # type: ignore[union-attr]
-        self.fused_decode = DecodeStack.build(self)
+        self.fused_stack = FusedStack.build(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) in; returns the names of params loaded."""

@@ -267,27 +267,33 @@ inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, 
 }
 #endif
 
-// Decode attention straight from the paged cache: one query token per sequence, no gather.
-// q [B, Hq, D] (token stride q_tok, head stride D), out [B, Hq, D] contiguous; k/v caches
-// [Hk, n_blocks, bs, D] (head stride kv_head); tables [B, table_stride] block ids; bounds [B, 2]
-// = the key positions [start, end) each sequence attends to. One work item per (sequence,
-// KV head): its G = Hq / Hk query heads share every K and V row they read. Scores live in
-// float32 scratch [threads, G * max_keys]; the softmax and both products run in float32.
+// Attention straight from the paged cache, one query row at a time, no gather: decode rows
+// and prefill rows alike (a prefill row is a query that attends to the keys up to its own
+// position, written to the cache before this call). q [B, Hq, D] (row stride q_tok, head
+// stride D), out [B, Hq, D] contiguous; k/v caches [Hk, n_blocks, bs, D] (head stride
+// kv_head); tables [S, table_stride] block ids per sequence, row_seq [B] each row's sequence
+// (null: row b is sequence b); bounds [B, 2] = the key positions [start, end) each row attends
+// to. One work item per (row, KV head): its G = Hq / Hk query heads share every K and V row
+// they read. Scores live in float32 scratch [threads, G * max_keys]; the
+// softmax and both products run in float32.
 template <typename T, int64_t DC>  // DC: the head dim when fixed at compile time, else 0
 void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,
                   int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
-                  const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,
-                  float* scratch, int64_t max_keys, int threads) {
+                  const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
+                  int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
   const int64_t G = Hq / Hk, D = DC ? DC : head_dim;
 #pragma omp parallel num_threads(threads)
   {
     float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
     float qf[16 * 256], acc[16 * 256];  // G * D <= 4096, checked by the caller
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < B * Hk; ++item) {
+    for (int64_t p = 0; p < B * Hk; ++p) {
+      // Items taken from both ends in turn: each thread's share is two contiguous runs, one
+      // from the front and one from the back, so a prefill's short and long rows even out.
+      const int64_t item = (p & 1) ? B * Hk - 1 - p / 2 : p / 2;
       const int64_t b = item / Hk, h = item % Hk;
       const int64_t start = bounds[2 * b], end = bounds[2 * b + 1], n = end - start;
-      const int64_t* table = tables + b * table_stride;
+      const int64_t* table = tables + (row_seq ? row_seq[b] : b) * table_stride;
       const T* kh = kc + h * kv_head;
       const T* vh = vc + h * kv_head;
       for (int64_t g = 0; g < G; ++g) {
@@ -484,7 +490,7 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
 
 extern "C" {
 
-int tm_abi_version() { return 11; }
+int tm_abi_version() { return 12; }
 
 #define TM_LORA_SGMV(NAME, T)                                                                 \
   void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \
@@ -500,11 +506,11 @@ TM_LORA_SGMV(tm_lora_sgmv_f32, float)
 #define TM_PAGED_DECODE(NAME, T)                                                              \
   void NAME(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,     \
             int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,               \
-            const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk, float scale,            \
-            float* scratch, int64_t max_keys, int threads) {                                  \
+            const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk,  \
+            float scale, float* scratch, int64_t max_keys, int threads) {                     \
     auto f = D == 64 ? paged_decode<T, 64> : D == 128 ? paged_decode<T, 128> : paged_decode<T, 0>;  \
-    f(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, bounds, B, Hq, Hk, scale,    \
-      scratch, max_keys, threads);                                                            \
+    f(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, row_seq, bounds, B, Hq, Hk, \
+      scale, scratch, max_keys, threads);                                                     \
   }
 TM_PAGED_DECODE(tm_paged_decode_bf16, uint16_t)
 TM_PAGED_DECODE(tm_paged_decode_f32, float)

@@ -1,10 +1,10 @@
-// The whole decoder stack of a small decode step in one call (`--quantize w4a8` on CPU): per
+// The whole decoder stack of a step in one call (`--quantize w4a8` on CPU): per
 // layer residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention
 // from the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It chains
 // the kernels of cpu_kernels.cpp and w4a8.cpp through their C entry points, in the order and
 // with the arithmetic of the Python layers (models/llama.py, which call the same kernels), so
 // a step gives the layer-by-layer path's bits; only Python's ~90 us per layer of glue is gone.
-// Built into the same library (kernels/cpu.py); called by kernels/decode_stack.py.
+// Built into the same library (kernels/cpu.py); called by models/fused_stack.py.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,10 +22,10 @@ int64_t tm_rope_kv_f32(float*, int64_t, int64_t, int64_t, int64_t, int64_t, cons
                        const int64_t*, int);
 void tm_paged_decode_bf16(const uint16_t*, int64_t, uint16_t*, const uint16_t*, const uint16_t*,
                           int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
-                          int64_t, int64_t, int64_t, float, float*, int64_t, int);
+                          const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
 void tm_paged_decode_f32(const float*, int64_t, float*, const float*, const float*, int64_t,
-                         int64_t, int64_t, const int64_t*, int64_t, const int64_t*, int64_t,
-                         int64_t, int64_t, float, float*, int64_t, int);
+                         int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
+                         const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
 void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
                          const uint16_t*, int64_t, uint16_t*, int64_t, int);
 void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
@@ -64,9 +64,10 @@ struct Step {
   int64_t M;
   const int64_t* positions;
   const int64_t* slots;
-  const int64_t* tables;
+  const int64_t* tables;  // [S, table_stride] per sequence
   int64_t table_stride;
-  const int64_t* bounds;
+  const int64_t* row_seq;  // [M] each row's sequence
+  const int64_t* bounds;   // [M, 2] each row's key positions [start, end)
   int64_t max_keys;
   void* x;         // in: the embeddings [M, H]; out: the last layer's MLP output
   void* residual;  // out: the residual stream [M, H]
@@ -134,13 +135,13 @@ inline int64_t rope(float* qkv, const Stack& c, const Step& s, float* kc, float*
 inline void attend(const uint16_t* qkv, uint16_t* out, const uint16_t* kc, const uint16_t* vc,
                    const Stack& c, const Step& s) {
   tm_paged_decode_bf16(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
-                       s.tables, s.table_stride, s.bounds, s.M, c.Hq, c.Hk, c.scale,
+                       s.tables, s.table_stride, s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale,
                        s.attn_scratch, s.max_keys, s.threads);
 }
 inline void attend(const float* qkv, float* out, const float* kc, const float* vc,
                    const Stack& c, const Step& s) {
   tm_paged_decode_f32(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
-                      s.tables, s.table_stride, s.bounds, s.M, c.Hq, c.Hk, c.scale,
+                      s.tables, s.table_stride, s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale,
                       s.attn_scratch, s.max_keys, s.threads);
 }
 

@@ -1,12 +1,13 @@
-"""The Llama-family decoder stack of a small decode step as one native call.
+"""The Llama-family decoder stack of a step as one native call.
 
-With `--quantize w4a8` on CPU every matmul of a decode step is a native kernel, and so are the
-norms, rotary + cache write and attention; what is left in Python is glue, ~90 µs a layer
-(module calls, checks, views, allocations), a third of a batch-1 step. `DecodeStack` hands the
-whole stack to kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order,
-so the two paths give the same bits (tests/models/test_fused_decode.py). It runs when a step is decode only, has at most
-`W4A8Weight.max_rows` rows (the quantized kernels' regime: all, unless a test lowers it) and
-no row uses a LoRA adapter; otherwise the layers run one by one as before.
+With `--quantize w4a8` on CPU every matmul is a native kernel, and so are the norms, rotary +
+cache write, attention (each row straight from the paged cache, prefill rows included) and
+SiLU · up; what is left in Python is glue, ~90 µs a layer (module calls, checks, views,
+allocations), a third of a batch-1 decode step. `FusedStack` hands the whole stack to
+kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order, so the two
+paths give the same bits (tests/models/test_fused_stack.py). It runs every step with at most
+`W4A8Weight.max_rows` rows (the quantized kernels' regime: all, unless a test lowers it) in
+which no row uses a LoRA adapter; otherwise the layers run one by one.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class _Stack(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("M", _I), ("positions", _P), ("slots", _P), ("tables", _P),
-                ("table_stride", _I), ("bounds", _P), ("max_keys", _I), ("x", _P),
+                ("table_stride", _I), ("row_seq", _P), ("bounds", _P), ("max_keys", _I),
+                ("x", _P),
                 ("residual", _P), ("h", _P), ("qkv", _P), ("gu", _P), ("act", _P),
                 ("attn_scratch", _P), ("threads", ctypes.c_int)]
 
@@ -55,7 +57,7 @@ def _w4a8(linear: Linear) -> W4A8Weight:
     return linear.quant
 
 
-class DecodeStack:
+class FusedStack:
     def __init__(self, model: LlamaForCausalLM) -> None:
         kernels = cpu_kernels()
         assert kernels is not None
@@ -89,7 +91,7 @@ class DecodeStack:
                 down.packed.data_ptr(), down.scales.data_ptr(), attn.kv_cache.data_ptr())
 
     @staticmethod
-    def build(model: LlamaForCausalLM) -> DecodeStack | None:
+    def build(model: LlamaForCausalLM) -> FusedStack | None:
         """The stack for `model` with its KV cache bound, or None when it does not qualify:
         CPU, bfloat16 or float32, every decoder linear w4a8 (bias only on qkv), no q/k norm,
         the native kernels loaded, a contiguous cache of the model's dtype."""
@@ -110,12 +112,11 @@ class DecodeStack:
                     or any(n.weight.dtype != dtype for n in (layer.input_layernorm,
                                                              layer.post_attention_layernorm))):
                 return None
-        return DecodeStack(model)
+        return FusedStack(model)
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """A decode-only step of at most `W4A8Weight.max_rows` rows, no LoRA rows."""
-        if (len(meta.groups) != 1 or not meta.groups[0].whole_batch
-                or meta.groups[0].bounds is None or x.shape[0] > W4A8Weight.max_rows):
+        """A step with per-row keys (CPU), at most `W4A8Weight.max_rows` rows, no LoRA rows."""
+        if meta.rows is None or x.shape[0] > W4A8Weight.max_rows:
             return False
         for lin in self._linears:  # every LoraLinear shares one batch state: the first decides
             if lin.lora is not None:
@@ -126,25 +127,24 @@ class DecodeStack:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the step's embeddings [M, H] (overwritten); returns (the last layer's output, the
         residual stream), what the layer loop would hand the final norm."""
-        g = meta.groups[0]
-        assert g.bounds is not None
+        rows = meta.rows
+        assert rows is not None
         m, dt = x.shape[0], self.dtype
         positions, slots = positions.to(torch.int64), meta.slot_mapping.to(torch.int64)
-        tables = g.block_tables
-        assert x.is_contiguous() and x.dtype == dt and tables.dtype == torch.int64
-        assert tables.is_contiguous() and positions.is_contiguous() and slots.is_contiguous()
+        assert x.is_contiguous() and x.dtype == dt and positions.is_contiguous()
+        assert slots.is_contiguous() and rows.tables.is_contiguous()
         residual = torch.empty_like(x)
         h = torch.empty(m, max(self.hidden, self.hq * self.d), dtype=dt)
         qkv = torch.empty(m, (self.hq + 2 * self.hk) * self.d, dtype=dt)
         gu = torch.empty(m, 2 * self.inter, dtype=dt)
         act = torch.empty(m, self.inter, dtype=dt)
         threads = torch.get_num_threads()
-        max_keys = max(g.max_keys, 1)
+        max_keys = max(rows.max_keys, 1)
         scratch = torch.empty(threads * (self.hq // self.hk) * max_keys, dtype=torch.float32)
-        step = _Step(m, positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
-                     tables.stride(0), g.bounds.data_ptr(), max_keys, x.data_ptr(),
-                     residual.data_ptr(), h.data_ptr(), qkv.data_ptr(), gu.data_ptr(),
-                     act.data_ptr(), scratch.data_ptr(), threads)
+        step = _Step(m, positions.data_ptr(), slots.data_ptr(), rows.tables.data_ptr(),
+                     rows.tables.stride(0), rows.seq.data_ptr(), rows.bounds.data_ptr(),
+                     max_keys, x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(),
+                     gu.data_ptr(), act.data_ptr(), scratch.data_ptr(), threads)
         bad = self._fn(self.layers, ctypes.byref(self.stack), ctypes.byref(step))
         if bad >= 0:
             raise IndexError(f"position {int(positions[bad])} is outside the rotary table "

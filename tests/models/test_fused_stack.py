@@ -1,7 +1,7 @@
-"""The fused decode stack (models/fused_decode.py, `--quantize w4a8` on CPU): a decode step
-through the one native call gives the layer-by-layer path's logits and KV cache, for batches of
-sequences of different lengths, with attention bias (Qwen2) and a sliding window (Mistral); the
-steps it must not take go the layer-by-layer way."""
+"""The fused stack (models/fused_stack.py, `--quantize w4a8` on CPU): prefill, chunked prefill
+mixed with decodes, and decode steps through the one native call give the layer-by-layer
+path's logits and KV cache bit for bit, with attention bias (Qwen2) and a sliding window
+(Mistral); the steps it must not take go the layer-by-layer way."""
 
 from __future__ import annotations
 
@@ -53,45 +53,60 @@ def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: Atte
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, tmp_path: Path) -> None:
     model = _model(arch, dtype, tmp_path)
-    stack = model.fused_decode
+    stack = model.fused_stack
     assert stack is not None
     cache = model.kv_cache  # type: ignore[attr-defined]  # every layer's
+
+    def both(ids: list[int], pos: list[int], meta: AttentionMetadata) -> torch.Tensor:
+        """The step through the fused stack, then again layer by layer from the same cache:
+        the same kernels in the same order (the layers call them too), so the same bits."""
+        assert stack.takes(torch.empty(len(ids), 1), meta)
+        before = cache.clone()
+        fused = _forward(model, ids, pos, meta)
+        after_fused = cache.clone()
+        cache.copy_(before)
+        model.fused_stack = None
+        plain = _forward(model, ids, pos, meta)
+        model.fused_stack = stack
+        assert not torch.equal(after_fused, before)  # the step wrote its keys and values
+        assert torch.equal(after_fused, cache)
+        assert torch.equal(fused, plain)
+        return fused
+
     blocks = random.Random(0).sample(range(BLOCKS), BLOCKS)
     tables = [blocks[0:20], blocks[20:40], blocks[40:60]]
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (11, 6, 17)]
+    # Two prefills on their own, the third (in two chunks) mixed with decodes of the others.
     last = []
-    for prompt, table in zip(prompts, tables):  # prefills, one by one (layer by layer)
-        logits = _forward(model, prompt, list(range(len(prompt))),
-                          _meta(model, [len(prompt)], [len(prompt)], [table]))
-        last.append(int(logits[-1].argmax()))
-    ctxs = [len(p) for p in prompts]
+    for prompt, table in zip(prompts[:2], tables):
+        n = len(prompt)
+        last.append(int(both(prompt, list(range(n)), _meta(model, [n], [n], [table]))[-1]
+                        .argmax()))
+    third = prompts[2]
+    both(third[:9], list(range(9)), _meta(model, [9], [9], [tables[2]]))
+    ctxs = [len(prompts[0]), len(prompts[1])]
+    mixed = _meta(model, [1, 1, 8], [ctxs[0] + 1, ctxs[1] + 1, 17], tables)
+    logits = both(last + third[9:], ctxs + list(range(9, 17)), mixed)
+    last = logits[[0, 1, -1]].argmax(-1).tolist()
+    ctxs = [ctxs[0] + 1, ctxs[1] + 1, 17]
     for _ in range(6):  # decode steps of all three sequences
         meta = _meta(model, [1, 1, 1], [c + 1 for c in ctxs], tables)
-        assert stack.takes(torch.empty(3, 1), meta)
-        before = cache.clone()
-        fused = _forward(model, last, ctxs, meta)
-        after_fused = cache.clone()
-        cache.copy_(before)
-        model.fused_decode = None
-        plain = _forward(model, last, ctxs, meta)
-        model.fused_decode = stack
-        # The same kernels in the same order (the layers call them too): the same bits.
-        assert not torch.equal(after_fused, before)  # the step wrote its keys and values
-        assert torch.equal(after_fused, cache)
-        assert torch.equal(fused, plain)
-        last = fused.argmax(-1).tolist()
+        last = both(last, ctxs, meta).argmax(-1).tolist()
         ctxs = [c + 1 for c in ctxs]
 
 
 def test_steps_it_does_not_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(W4A8Weight, "max_rows", 4)
     model = _model("llama", "float32", tmp_path)
-    stack = model.fused_decode
+    stack = model.fused_stack
     assert stack is not None
     x = torch.empty(1, 1)
-    assert not stack.takes(x, _meta(model, [3], [3], [[0]]))  # a prefill
-    assert not stack.takes(torch.empty(2, 1), _meta(model, [1, 2], [5, 6], [[0, 1], [2, 3]]))
+    assert stack.takes(torch.empty(3, 1), _meta(model, [3], [3], [[0]]))  # a prefill
+    assert stack.takes(torch.empty(3, 1), _meta(model, [1, 2], [5, 6], [[0, 1], [2, 3]]))
+    gpu_like = _meta(model, [1], [3], [[0]])
+    gpu_like.rows = None  # what a CUDA step's metadata has
+    assert not stack.takes(x, gpu_like)
     many = W4A8Weight.max_rows + 1
     wide = _meta(model, [1] * many, [2] * many, [[i] for i in range(many)])
     assert not stack.takes(torch.empty(many, 1), wide)  # more rows than the kernels' regime
@@ -117,4 +132,4 @@ def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None
 @pytest.mark.parametrize("arch,quantize", [("llama", "int4"), ("qwen3", "w4a8")])
 def test_only_w4a8_models_without_qk_norm_get_a_stack(arch: str, quantize: str,
                                                        tmp_path: Path) -> None:
-    assert _model(arch, "float32", tmp_path, quantize).fused_decode is None
+    assert _model(arch, "float32", tmp_path, quantize).fused_stack is None
