@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import logging
+from typing import ClassVar
 
 import torch
 
@@ -91,29 +92,53 @@ class Int4Weight(QuantWeight):
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_zeros)
 
 
-class W4A8Weight(QuantWeight):
-    """The int4 groups repacked for the native int4 x int8 kernel (`CpuKernels.w4a8_matmul`);
-    the scales are bfloat16 whatever the model's dtype."""
+class NativeQuantWeight(QuantWeight):
+    """Weights for the native int8-activation kernels (kernels/csrc/w4a8.cpp): packed bytes
+    [N/16, K/32, tile_bytes] in 16-row tiles and groups of 32, and their scales."""
 
-    # Every step: the kernel beats the bfloat16 matmul at any row count on SmolLM2's layers
+    # Every step: the kernels beat the bfloat16 matmul at any row count on SmolLM2's layers
     # (2.4x at 1 row ... 1.4x at 512, benchmarks/int4_kernels.py), so prefill and decode
     # share the quantized numerics, as in llama.cpp.
     max_rows = 1 << 62
+    tile_bytes: ClassVar[int]
+    scale_dtype: ClassVar[torch.dtype]
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, kernels: CpuKernels) -> None:
         tiles, groups, size = packed.shape
-        assert packed.dtype == torch.uint8 and size == W4A8_TILE * GROUP_SIZE // 2
-        assert scales.dtype == torch.bfloat16 and scales.shape == (tiles, groups, W4A8_TILE, 2)
+        assert packed.dtype == torch.uint8 and size == self.tile_bytes
+        assert scales.dtype == self.scale_dtype and scales.shape[:3] == (tiles, groups, W4A8_TILE)
         self.packed, self.scales = packed.contiguous(), scales.contiguous()
         self.kernels = kernels
         self.out_features, self.in_features = tiles * W4A8_TILE, groups * GROUP_SIZE
 
+    @staticmethod
+    def _native(what: str) -> CpuKernels:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise RuntimeError(f"{what} needs the native CPU kernels (a C++ compiler)")
+        return kernels
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # Cheap checks only (~120 calls a decode step); the layers are CPU-only (load_model).
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: cannot multiply {tuple(x.shape)} by "
+                             f"[{self.out_features}, {self.in_features}]^T")
+        return self._multiply(x if x.stride(1) == 1 else x.contiguous())
+
+    @abc.abstractmethod
+    def _multiply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class W4A8Weight(NativeQuantWeight):
+    """The int4 groups repacked for the int4 x int8 kernel (`CpuKernels.w4a8_matmul`); the
+    scales are bfloat16 (s, z) pairs whatever the model's dtype."""
+
+    tile_bytes, scale_dtype = W4A8_TILE * GROUP_SIZE // 2, torch.bfloat16
+
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[W4A8Weight, torch.Tensor]:
-        kernels = cpu_kernels()
-        if kernels is None:
-            raise RuntimeError("w4a8 needs the native CPU kernels (a C++ compiler)")
+        kernels = cls._native("w4a8")
         q, sz, reference = int4_groups(weight, torch.bfloat16)
         return cls(*cls.pack(q, sz), kernels), reference
 
@@ -130,37 +155,21 @@ class W4A8Weight(QuantWeight):
         scales = sz.to(torch.bfloat16).view(t, W4A8_TILE, g, 2).permute(0, 2, 1, 3)
         return packed.contiguous(), scales.contiguous()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # Cheap checks only (~120 calls a decode step); the layers are CPU-only (load_model).
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"w4a8: cannot multiply {tuple(x.shape)} by "
-                             f"[{self.out_features}, {self.in_features}]^T")
-        if x.stride(1) != 1:
-            x = x.contiguous()
+    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.w4a8_matmul(x, self.packed, self.scales)
 
 
-class W8A8Weight(QuantWeight):
+class W8A8Weight(NativeQuantWeight):
     """int8 weights, symmetric per group of 32 (w = d·q, q in -127..127, d float32: GGUF's
-    Q8_0), times int8 activations on the native kernel (`CpuKernels.w8a8_matmul`): the LM head
-    of a w4a8 model, in one pass where int4 + an int4 residual took two."""
+    Q8_0), times int8 activations (`CpuKernels.w8a8_matmul`): the LM head of a w4a8 model, in
+    one pass where int4 + an int4 residual took two."""
 
-    max_rows = 1 << 62  # as W4A8Weight
-
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, kernels: CpuKernels) -> None:
-        tiles, groups, size = packed.shape
-        assert packed.dtype == torch.uint8 and size == W4A8_TILE * GROUP_SIZE
-        assert scales.dtype == torch.float32 and scales.shape == (tiles, groups, W4A8_TILE)
-        self.packed, self.scales = packed.contiguous(), scales.contiguous()
-        self.kernels = kernels
-        self.out_features, self.in_features = tiles * W4A8_TILE, groups * GROUP_SIZE
+    tile_bytes, scale_dtype = W4A8_TILE * GROUP_SIZE, torch.float32
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[W8A8Weight, torch.Tensor]:
-        kernels = cpu_kernels()
-        if kernels is None:
-            raise RuntimeError("w8a8 needs the native CPU kernels (a C++ compiler)")
+        kernels = cls._native("w8a8")
         n, k = weight.shape
         if k % GROUP_SIZE or n % W4A8_TILE:
             raise ValueError(f"int8: weight {tuple(weight.shape)} needs in_features % "
@@ -184,12 +193,7 @@ class W8A8Weight(QuantWeight):
         scales = d.float().view(t, W4A8_TILE, g).permute(0, 2, 1)
         return packed.contiguous(), scales.contiguous()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"w8a8: cannot multiply {tuple(x.shape)} by "
-                             f"[{self.out_features}, {self.in_features}]^T")
-        if x.stride(1) != 1:
-            x = x.contiguous()
+    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.w8a8_matmul(x, self.packed, self.scales)
 
 
