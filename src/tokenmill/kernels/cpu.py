@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
+HEADERS = (Path(__file__).with_name("csrc") / "tm_kernels.h",)  # in the cache key too
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
 ABI_VERSION = 12
@@ -287,7 +288,7 @@ def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=30).stdout.splitlines()[:1]
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         h.update(source.read_bytes())
     for part in (compiler, *version, *flags, _cpu_flags(), str(ABI_VERSION)):
         h.update(part.encode() + b"\0")

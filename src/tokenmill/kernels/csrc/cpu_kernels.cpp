@@ -6,6 +6,8 @@
 // many such accumulators a loop carries), so a row's result does not depend on which other
 // requests share the step. tests/kernels/test_cpu_kernels.py checks this bit for bit.
 #include <omp.h>
+
+#include "tm_kernels.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif

@@ -9,30 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-extern "C" {
-void tm_add_rmsnorm_bf16(const uint16_t*, int64_t, const uint16_t*, uint16_t*, const uint16_t*,
-                         uint16_t*, int64_t, int64_t, float, int);
-void tm_add_rmsnorm_f32(const float*, int64_t, const float*, float*, const float*, float*,
-                        int64_t, int64_t, float, int);
-int64_t tm_rope_kv_bf16(uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
-                        int64_t, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, int64_t,
-                        const int64_t*, int);
-int64_t tm_rope_kv_f32(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
-                       int64_t, const float*, const float*, float*, float*, int64_t,
-                       const int64_t*, int);
-void tm_paged_decode_bf16(const uint16_t*, int64_t, uint16_t*, const uint16_t*, const uint16_t*,
-                          int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
-                          const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
-void tm_paged_decode_f32(const float*, int64_t, float*, const float*, const float*, int64_t,
-                         int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
-                         const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
-void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
-                         const uint16_t*, int64_t, uint16_t*, int64_t, int);
-void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
-                        const uint16_t*, int64_t, float*, int64_t, int);
-void tm_silu_mul_bf16(const uint16_t*, uint16_t*, int64_t, int64_t, int);
-void tm_silu_mul_f32(const float*, float*, int64_t, int64_t, int);
-}
+#include "tm_kernels.h"
 
 namespace {
 

@@ -24,6 +24,8 @@
 // rows are (batch invariance), and the scalar path (no VNNI) performs the same operations as
 // the vector one, so both give the same bits.
 #include <omp.h>
+
+#include "tm_kernels.h"
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define TM_W4A8_VNNI 1
