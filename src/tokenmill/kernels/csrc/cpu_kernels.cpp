@@ -20,19 +20,9 @@
 namespace {
 
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {  // bfloat16 -> float is a shift
-  uint32_t u = uint32_t(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float load(const uint16_t* p, int64_t i) { return tm::bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {  // float -> bfloat16, round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-  p[i] = uint16_t(u >> 16);
-}
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = tm::float_to_bf16(v); }
 
 // exp(x) for the softmax, in plain arithmetic so that `omp simd` vectorizes it (glibc's
 // vector expf needs -ffast-math): 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split

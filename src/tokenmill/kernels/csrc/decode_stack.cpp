@@ -57,28 +57,9 @@ struct Step {
 };
 
 inline float to_float(float v) { return v; }
-inline float to_float(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float round_to(float v, const float*) { return v; }
-inline float round_to(float v, const uint16_t*) {  // to bfloat16 and back, nearest even
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-  u &= 0xffff0000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
+inline float to_float(uint16_t b) { return tm::bf16_to_float(b); }
 inline void put(float* p, float v) { *p = v; }
-inline void put(uint16_t* p, float v) {
-  const float r = round_to(v, p);
-  uint32_t u;
-  std::memcpy(&u, &r, 4);
-  *p = uint16_t(u >> 16);
-}
+inline void put(uint16_t* p, float v) { *p = tm::float_to_bf16(v); }
 
 // The dtype-dispatched kernel entry points.
 inline void norm(const uint16_t* x, const uint16_t* res, uint16_t* r_out, const void* w,

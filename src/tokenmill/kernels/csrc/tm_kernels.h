@@ -4,6 +4,7 @@
 // definition and every call agree.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 extern "C" {
 void tm_add_rmsnorm_bf16(const uint16_t*, int64_t, const uint16_t*, uint16_t*, const uint16_t*,
@@ -33,3 +34,20 @@ void tm_w8a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
 void tm_silu_mul_bf16(const uint16_t*, uint16_t*, int64_t, int64_t, int);
 void tm_silu_mul_f32(const float*, float*, int64_t, int64_t, int);
 }
+
+// bfloat16 <-> float as torch converts them: widening is a shift; narrowing rounds to nearest
+// even (a NaN stays a NaN, quieted).
+namespace tm {
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+}  // namespace tm
