@@ -122,16 +122,12 @@ class TorchPagedAttention(AttentionBackend):
     def _group(starts: list[int], qlens: list[int], ctxs: list[int], tables: list[list[int]],
                block_size: int, window: int | None, device: torch.device) -> SeqGroup:
         nq = max(qlens)
-        nblocks = max(-(-c // block_size) for c in ctxs)
         index = torch.tensor([[s + min(j, q - 1) for j in range(nq)] for s, q in zip(starts, qlens)],
                              dtype=torch.long)
-        table = torch.zeros(len(tables), nblocks, dtype=torch.long)
-        for r, t in enumerate(tables):
-            n = -(-ctxs[r] // block_size)
-            table[r, :n] = torch.tensor(t[:n], dtype=torch.long)
+        table = _block_tables(tables, ctxs, block_size)
         ctx = torch.tensor(ctxs, dtype=torch.long)
         qpos = ctx[:, None] - torch.tensor(qlens)[:, None] + torch.arange(nq)[None, :]  # [B, Q]
-        kpos = torch.arange(nblocks * block_size)[None, None, :]  # [1, 1, K]
+        kpos = torch.arange(table.shape[1] * block_size)[None, None, :]  # [1, 1, K]
         mask = kpos <= qpos[:, :, None]
         if window is not None:
             mask &= kpos > qpos[:, :, None] - window
@@ -218,13 +214,18 @@ def _row_keys(query_lens: list[int], context_lens: list[int], block_tables: list
     first = torch.cumsum(qlens, 0) - qlens  # each sequence's first row
     end = (ctxs - qlens)[seq] + torch.arange(len(seq)) - first[seq] + 1  # position + 1
     start = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
-    nblocks = max(-(-c // block_size) for c in context_lens)
-    tables = torch.zeros(len(block_tables), nblocks, dtype=torch.long)
-    for r, (t, c) in enumerate(zip(block_tables, context_lens)):
-        n = -(-c // block_size)
-        tables[r, :n] = torch.tensor(t[:n], dtype=torch.long)
+    tables = _block_tables(block_tables, context_lens, block_size)
     return RowKeys(seq=seq, tables=tables, bounds=torch.stack([start, end], 1).contiguous(),
                    max_keys=int((end - start).max()))
+
+
+def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> torch.Tensor:
+    """[B, max_blocks] int64: each sequence's blocks that hold its context, padded with 0."""
+    out = torch.zeros(len(tables), max(-(-c // block_size) for c in ctxs), dtype=torch.long)
+    for r, (t, c) in enumerate(zip(tables, ctxs)):
+        n = -(-c // block_size)
+        out[r, :n] = torch.tensor(t[:n], dtype=torch.long)
+    return out
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
