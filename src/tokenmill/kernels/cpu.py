@@ -28,11 +28,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("cpu_kernels.cpp", "w4a8.cpp", "decode_stack.cpp"))  # one library
+                for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "w4a8.cpp",
+                             "decode_stack.cpp"))  # one library
 HEADERS = (Path(__file__).with_name("csrc") / "tm_kernels.h",)  # in the cache key too
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 12
+ABI_VERSION = 13
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64

@@ -14,7 +14,7 @@ The serving path (`LoraPlan` + `lora_add_`) is SGMV with the segment bookkeeping
 step on the host (`make_plan`) instead of once per projection, scales folded into B, and a
 plain matmul pair when the whole batch uses one adapter. On CUDA with triton installed it runs
 the Triton shrink/expand kernels of `triton_lora.py` instead (`TOKENMILL_LORA_TRITON=0`: off); on
-CPU the native SGMV kernel of `kernels/csrc/cpu_kernels.cpp` when it builds
+CPU the native SGMV kernel of `kernels/csrc/lora.cpp` when it builds
 (`TOKENMILL_CPU_KERNELS=0`: off). On a 2-core CPU, 8 adapters x 4 decode rows, the torch bmm
 pair costs ~2x the native kernel: oneDNN's bf16 bmm runs far below its GEMM rate at 4 rows."""
 

@@ -33,6 +33,15 @@ void tm_w8a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
                         int64_t, float*, int64_t, int);
 void tm_silu_mul_bf16(const uint16_t*, uint16_t*, int64_t, int64_t, int);
 void tm_silu_mul_f32(const float*, float*, int64_t, int64_t, int);
+void tm_lora_sgmv_bf16(const uint16_t*, int64_t, uint16_t*, int64_t, const uint16_t*, int64_t,
+                       const uint16_t*, int64_t, const int64_t*, const int64_t*, const int64_t*,
+                       int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t, float*,
+                       float*, int);
+void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int64_t,
+                      const float*, int64_t, const int64_t*, const int64_t*, const int64_t*,
+                      int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t, float*,
+                      float*, int);
+int tm_abi_version();
 }
 
 // bfloat16 <-> float as torch converts them: widening is a shift; narrowing rounds to nearest
@@ -49,5 +58,43 @@ inline uint16_t float_to_bf16(float v) {
   std::memcpy(&u, &v, 4);
   u = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
+}
+
+// Element access in float32 whatever the storage type, and the softmax's exp.
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return tm::bf16_to_float(p[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = tm::float_to_bf16(v); }
+
+// exp(x) for the softmax, in plain arithmetic so that `omp simd` vectorizes it (glibc's
+// vector expf needs -ffast-math): 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split
+// in two for accuracy) and a degree-6 Taylor polynomial; relative error < 2e-7 for x in
+// [-87, 0], the softmax's range. Below -87 the result is 0 (float32's exp would be < 1.7e-38).
+inline float exp_neg(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  // rint (the current rounding, to nearest even) inlines as one instruction; roundf
+  // (ties away from zero) was a libm call per element, which kept the loop scalar.
+  const float n = __builtin_rintf(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return x < -87.f ? 0.f : p * two_n;
+}
+
+// Round a float to T's precision (bfloat16: nearest even), as a torch op producing T does.
+inline float round_to(float v, const float*) { return v; }
+inline float round_to(float v, const uint16_t*) {
+  uint16_t b;
+  store(&b, 0, v);
+  return load(&b, 0);
 }
 }  // namespace tm
