@@ -1,5 +1,5 @@
 // The C entry points of tokenmill's CPU kernels, shared by their definitions
-// (cpu_kernels.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and mirrored by the
+// (lora.cpp, attention.cpp, pointwise.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and mirrored by the
 // ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler check that every
 // definition and every call agree.
 #pragma once

@@ -1,6 +1,6 @@
 // int4 weights x int8 activations (`--quantize w4a8`): the arithmetic of llama.cpp's
 // Q4_1 x Q8_1 dot products, built by tokenmill/kernels/cpu.py into the same library as
-// cpu_kernels.cpp.
+// the other csrc files.
 //
 // Weights: groups of 32 along K, w = (q - 8) * s + z with q in 0..15 and s, z bfloat16
 // (layers/quant.py). Activations: each row's groups of 32 are quantized on the fly to
