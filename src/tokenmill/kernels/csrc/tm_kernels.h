@@ -1,6 +1,6 @@
-// The C entry points of tokenmill's CPU kernels, shared by their definitions
-// (lora.cpp, attention.cpp, pointwise.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and mirrored by the
-// ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler check that every
+// The C entry points of tokenmill's CPU kernels, shared by their definitions (lora.cpp,
+// attention.cpp, pointwise.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and
+// mirrored by the ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler check that every
 // definition and every call agree.
 #pragma once
 #include <cstdint>
