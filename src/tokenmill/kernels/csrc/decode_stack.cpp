@@ -1,10 +1,11 @@
-// The whole decoder stack of a step in one call (`--quantize w4a8` on CPU): per
-// layer residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention
-// from the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It
-// chains the kernels of pointwise.cpp, attention.cpp and w4a8.cpp through their C entry
-// points, in the order and with the arithmetic of the Python layers (models/llama.py, which call the same kernels), so
-// a step gives the layer-by-layer path's bits; only Python's ~90 us per layer of glue is gone.
-// Built into the same library (kernels/cpu.py); called by models/fused_stack.py.
+// The whole decoder stack of a step in one call (`--quantize w4a8` on CPU): per layer
+// residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention from
+// the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It chains the
+// kernels of pointwise.cpp, attention.cpp and w4a8.cpp through their C entry points, in the
+// order and with the arithmetic of the Python layers (models/llama.py, which call the same
+// kernels), so a step gives the layer-by-layer path's bits; only Python's ~90 us per layer
+// of glue is gone. Built into the same library (kernels/cpu.py); called by
+// models/fused_stack.py.
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -1,7 +1,7 @@
 // The C entry points of tokenmill's CPU kernels, shared by their definitions (lora.cpp,
 // attention.cpp, pointwise.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and
-// mirrored by the ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler check that every
-// definition and every call agree.
+// mirrored by the ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler
+// check that every definition and every call agree.
 #pragma once
 #include <cstdint>
 #include <cstring>
