@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import time
 from collections.abc import Callable
 from functools import partial
@@ -20,7 +21,7 @@ from functools import partial
 import torch
 
 from tokenmill.kernels.cpu import cpu_kernels, lora_chunks
-from tokenmill.layers.attention import SeqGroup, TorchPagedAttention, _gather
+from tokenmill.layers.attention import RowKeys, SeqGroup, TorchPagedAttention, _gather
 from tokenmill.lora.punica import lora_add_, make_plan
 
 LORA_SHAPES = {"qkv": (576, [576, 192, 192], 48), "o": (576, [576], 16),
@@ -90,6 +91,37 @@ def attention(dtype: torch.dtype, rounds: int) -> None:
         print(f"  {batch:>5} {ctx:>7} {tn:8.0f} {tt:8.0f} {tt / tn:5.1f}x")
 
 
+def attention_cold(dtype: torch.dtype, rounds: int, layers: int = 30) -> None:
+    """Decode attention as a step meets it: each layer's cache read from memory (30 caches,
+    past the L3), with a sequence's blocks contiguous or scattered (as a long-running engine
+    leaves them; the kernel prefetches scattered blocks)."""
+    kern = cpu_kernels()
+    assert kern is not None
+    hq, hk, d, bs = 9, 3, 64, 16
+    print(f"decode attention, {layers} layers' caches (cold), {dtype}: µs per layer")
+    print(f"  {'batch':>5} {'context':>7} {'contiguous':>10} {'scattered':>10}")
+    backend = TorchPagedAttention()
+    for batch, ctx in ((64, 192), (32, 1000)):
+        per_seq = -(-ctx // bs)
+        caches = [torch.randn(2, hk, batch * per_seq, bs, d, dtype=dtype) for _ in range(layers)]
+        q = torch.randn(batch, hq, d, dtype=dtype)
+        ids = list(range(batch * per_seq))
+        times = []
+        for order in (ids, random.Random(0).sample(ids, len(ids))):
+            tables = [order[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
+            rows = backend.build_metadata([1] * batch, [ctx] * batch, tables, bs, None,
+                                          torch.device("cpu")).rows
+            assert rows is not None
+
+            def run(rows: RowKeys = rows, q: torch.Tensor = q,
+                    caches: list[torch.Tensor] = caches) -> None:
+                for c in caches:
+                    kern.paged_decode(q, c, rows.tables, rows.bounds, rows.max_keys,
+                                      d ** -0.5, rows.seq)
+            times.append(best_us(run, rounds, n=2) / layers)
+        print(f"  {batch:>5} {ctx:>7} {times[0]:10.0f} {times[1]:10.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -103,6 +135,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     lora(dtype, args.rounds)
     attention(dtype, args.rounds)
+    attention_cold(dtype, args.rounds)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

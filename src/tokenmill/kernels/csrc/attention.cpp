@@ -118,104 +118,187 @@ inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, 
 // to. One work item per (row, KV head): its G = Hq / Hk query heads share every K and V row
 // they read. Scores live in float32 scratch [threads, G * max_keys]; the
 // softmax and both products run in float32.
+// The paged-cache view of one work item: a row's keys [start, end) under KV head h.
+template <typename T>
+struct Item {
+  const int64_t* table;  // the row's sequence's block ids
+  const T* kh;           // K and V caches of head h, [n_blocks, bs, D]
+  const T* vh;
+  int64_t start, end;
+};
+
+// Software prefetch of the next item's K and V blocks into L2, a block per call, issued while
+// the current item computes. A sequence's blocks are scattered over the cache (allocated as it
+// grows, among other sequences'), 2 KB apiece, which the hardware prefetcher does not follow:
+// with shuffled tables, 64 decode rows x 192 keys took ~650 us a layer against ~400 with
+// contiguous ones, and ~470 with this (benchmarks/cpu_kernels.py). A block that continues the
+// previous one is left to the hardware, which the extra instructions would only slow.
+template <typename T>
+struct Prefetch {
+  Item<T> it{};
+  int64_t block = 0, first = 0, last = -1, block_bytes = 0;
+  void reset(const Item<T>& next, int64_t bs, int64_t D) {
+    it = next;
+    block = first = next.start / bs;
+    last = next.end > next.start ? (next.end - 1) / bs : -1;
+    block_bytes = bs * D * int64_t(sizeof(T));
+  }
+  void step() {
+    if (block > last) return;
+    const bool follows = block > first && it.table[block] == it.table[block - 1] + 1;
+    const int64_t off = it.table[block++] * block_bytes;
+    if (follows) return;
+    const char* k = reinterpret_cast<const char*>(it.kh) + off;
+    const char* v = reinterpret_cast<const char*>(it.vh) + off;
+    for (int64_t b = 0; b < block_bytes; b += 64) {
+      __builtin_prefetch(k + b, 0, 2);
+      __builtin_prefetch(v + b, 0, 2);
+    }
+  }
+};
+
+// sc[g][0:n] = scale * (q_g . K[p]) for the item's keys p, n = end - start, G query heads
+// (row q, heads D apart); rows of sc `stride` apart. Prefetches the next item as it goes.
+template <typename T, int64_t DC>
+inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t G,
+                   float scale, float* sc, int64_t stride, float* qf, Prefetch<T>& pf) {
+  const int64_t start = it.start, end = it.end;
+#if defined(__AVX512BF16__)
+  // bfloat16 with a head dim of 64 or 128 and 16-key blocks: 16 scores at a time (the
+  // per-key horizontal sums were ~60% of the kernel); the scale is applied after.
+  if constexpr (sizeof(T) == 2 && DC % 32 == 0 && DC > 0) {
+    if (bs == 16) {
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qrow = reinterpret_cast<const uint16_t*>(q + g * D);
+        for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+          if (g == 0) pf.step();
+          const uint16_t* kb = reinterpret_cast<const uint16_t*>(it.kh + it.table[p0 / bs] * bs * D);
+          qk_block_bf16<DC>(qrow, kb, std::max(p0, start) - p0, std::min(p0 + bs, end) - p0,
+                            sc + g * stride + (p0 - start));
+        }
+        float* sg = sc + g * stride;
+#pragma omp simd
+        for (int64_t i = 0; i < end - start; ++i) sg[i] *= scale;
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(q + g * D, d) * scale;
+  }
+  // keys block by block: one table lookup (and division) per block, not per key
+  for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+    pf.step();
+    const T* kb = it.kh + it.table[p0 / bs] * bs * D;
+    for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
+      const T* krow = kb + (p - p0) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
+        sc[g * stride + (p - start)] = s;
+      }
+    }
+  }
+}
+
+// Softmax in place over each of G rows of n scores (rows `stride` apart).
+inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = sc + g * stride;
+    float m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;  // (std::max stayed scalar)
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      sg[i] = exp_neg(sg[i] - m);
+      sum += sg[i];
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+  }
+}
+
+// acc[g][0:D] = sum over the item's keys p of w[g][p - start] * V[p], for G heads.
+template <typename T, int64_t DC>
+inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, const float* w,
+                         int64_t stride, float* acc) {
+#if defined(__AVX512BF16__)
+  if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
+    pv_heads_bf16<DC>(reinterpret_cast<const uint16_t*>(it.vh), it.table, bs, it.start, it.end,
+                      w, stride, G, acc);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+  for (int64_t p0 = it.start - it.start % bs; p0 < it.end; p0 += bs) {
+    const T* vb = it.vh + it.table[p0 / bs] * bs * D;
+    for (int64_t p = std::max(p0, it.start); p < std::min(p0 + bs, it.end); ++p) {
+      const T* vrow = vb + (p - p0) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float wg = w[g * stride + (p - it.start)];
+        float* __restrict ag = acc + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] += wg * load(vrow, d);
+      }
+    }
+  }
+}
+
+// Attention straight from the paged cache, one query row at a time, no gather: decode rows
+// and prefill rows alike (a prefill row is a query that attends to the keys up to its own
+// position, written to the cache before this call). q [B, Hq, D] (row stride q_tok, head
+// stride D), out [B, Hq, D] contiguous; k/v caches [Hk, n_blocks, bs, D] (head stride
+// kv_head); tables [S, table_stride] block ids per sequence, row_seq [B] each row's sequence
+// (null: row b is sequence b); bounds [B, 2] = the key positions [start, end) each row attends
+// to. One work item per (row, KV head): its G = Hq / Hk query heads share every K and V row
+// they read. Scores live in float32 scratch [threads, G * max_keys]; the softmax and both
+// products run in float32.
 template <typename T, int64_t DC>  // DC: the head dim when fixed at compile time, else 0
 void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,
                   int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
                   const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
                   int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
-  const int64_t G = Hq / Hk, D = DC ? DC : head_dim;
+  const int64_t G = Hq / Hk, D = DC ? DC : head_dim, n_items = B * Hk;
+  // Items taken from both ends in turn: each thread's share is two contiguous runs, one from
+  // the front and one from the back, so a prefill's short and long rows even out.
+  auto item_of = [&](int64_t p) { return (p & 1) ? n_items - 1 - p / 2 : p / 2; };
+  auto view = [&](int64_t item) {
+    const int64_t b = item / Hk, h = item % Hk;
+    return Item<T>{tables + (row_seq ? row_seq[b] : b) * table_stride, kc + h * kv_head,
+                   vc + h * kv_head, bounds[2 * b], bounds[2 * b + 1]};
+  };
 #pragma omp parallel num_threads(threads)
   {
     float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
     float qf[16 * 256], acc[16 * 256];  // G * D <= 4096, checked by the caller
+    Prefetch<T> pf;
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < B * Hk; ++p) {
-      // Items taken from both ends in turn: each thread's share is two contiguous runs, one
-      // from the front and one from the back, so a prefill's short and long rows even out.
-      const int64_t item = (p & 1) ? B * Hk - 1 - p / 2 : p / 2;
-      const int64_t b = item / Hk, h = item % Hk;
-      const int64_t start = bounds[2 * b], end = bounds[2 * b + 1], n = end - start;
-      const int64_t* table = tables + (row_seq ? row_seq[b] : b) * table_stride;
-      const T* kh = kc + h * kv_head;
-      const T* vh = vc + h * kv_head;
-      for (int64_t g = 0; g < G; ++g) {
-        const T* qrow = q + b * q_tok + (h * G + g) * D;
+    for (int64_t p = 0; p < n_items; ++p) {
+      // Under the static schedule a thread's p run consecutively, so p + 1 is its next item
+      // (or, past its share, another thread's first: harmless). A prefill's rows of one
+      // sequence share blocks, in cache after the first: as p + 1 comes from the same end as
+      // p - 1, when both read the same sequence and head there is nothing to fetch.
+      const int64_t item = item_of(p), b = item / Hk, h = item % Hk;
+      const Item<T> it = view(item);
+      if (p + 1 < n_items) {
+        const Item<T> nx = view(item_of(p + 1));
+        const bool seen = p > 0 && view(item_of(p - 1)).table == nx.table &&
+                          view(item_of(p - 1)).kh == nx.kh;
+        if (!seen) pf.reset(nx, bs, D);
+      }
+      const T* qrow = q + b * q_tok + h * G * D;
+      scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
+      softmax_rows(sc, it.end - it.start, G, max_keys);
+      weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc);
+      while (pf.block <= pf.last) pf.step();  // whatever the score loop did not reach
+      T* orow = out + (b * Hq + h * G) * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(qrow, d) * scale;
-      }
-#if defined(__AVX512BF16__)
-      // bfloat16 with a head dim of 64 or 128 and 16-key blocks: 16 scores at a time (the
-      // per-key horizontal sums were ~60% of the kernel); the scale is applied after.
-      constexpr bool fast_qk = sizeof(T) == 2 && DC % 32 == 0 && DC > 0;
-      if (fast_qk && bs == 16) {
-        for (int64_t g = 0; g < G; ++g) {
-          const uint16_t* qrow = reinterpret_cast<const uint16_t*>(q + b * q_tok + (h * G + g) * D);
-          for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
-            const uint16_t* kb = reinterpret_cast<const uint16_t*>(kh + table[p0 / bs] * bs * D);
-            qk_block_bf16<DC ? DC : 32>(qrow, kb, std::max(p0, start) - p0,
-                                        std::min(p0 + bs, end) - p0,
-                                        sc + g * max_keys + (p0 - start));
-          }
-          float* sg = sc + g * max_keys;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) sg[i] *= scale;
-        }
-      } else
-#endif
-      // keys block by block: one table lookup (and division) per block, not per key
-      for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
-        const T* kb = kh + table[p0 / bs] * bs * D;
-        for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
-          const T* krow = kb + (p - p0) * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qf + g * D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
-            sc[g * max_keys + (p - start)] = s;
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = sc + g * max_keys;
-        float m = -INFINITY, sum = 0.f;
-#pragma omp simd reduction(max : m)
-        for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;  // (std::max stayed scalar)
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) {
-          sg[i] = exp_neg(sg[i] - m);
-          sum += sg[i];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
-      }
-#if defined(__AVX512BF16__)
-      if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
-        pv_heads_bf16<DC ? DC : 16>(reinterpret_cast<const uint16_t*>(vh), table, bs, start,
-                                    end, sc, max_keys, G, acc);
-      } else
-#endif
-      {
-      for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
-      for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
-        const T* vb = vh + table[p0 / bs] * bs * D;
-        for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
-          const T* vrow = vb + (p - p0) * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = sc[g * max_keys + (p - start)];
-            float* __restrict ag = acc + g * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ag[d] += w * load(vrow, d);
-          }
-        }
-      }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        T* orow = out + (b * Hq + h * G + g) * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) store(orow, d, acc[g * D + d]);
-      }
+      for (int64_t i = 0; i < G * D; ++i) store(orow, i, acc[i]);
     }
   }
 }
