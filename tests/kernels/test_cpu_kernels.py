@@ -327,3 +327,26 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
         assert (got != want).float().mean() < 0.01
         torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0.02)
     assert torch.equal(kern.silu_mul(gu[5:6]), got[5:6])  # rows do not depend on the batch
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_is_torchs_first_largest(dtype: torch.dtype) -> None:
+    kern = cpu_kernels()
+    assert kern is not None
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(9, 1100, generator=gen).to(dtype)
+    cases = [
+        wide[:, :1000],  # a row stride wider than the row (a padded head's logits)
+        torch.randint(0, 3, (33, 1000), generator=gen).to(dtype),  # ties everywhere: lowest id
+        torch.randn(7, 5, generator=gen).to(dtype),  # shorter than one vector
+        torch.randn(7, 37, generator=gen).to(dtype),  # vector part + tail
+    ]
+    edge = torch.full((5, 40), float("-inf"), dtype=dtype)
+    edge[1, 20], edge[2, 39], edge[3, 3] = 0.0, -1.0, float("inf")  # -inf rows: first index
+    edge[4, 17:] = 2.0  # the largest first appears in the tail of the vector loop
+    cases.append(edge)
+    for x in cases:
+        assert kern.supports_argmax(x)
+        assert torch.equal(kern.argmax(x), x.float().argmax(dim=-1))
+    assert torch.equal(kern.argmax(wide[4:5, :1000]), kern.argmax(wide[:, :1000])[4:5])

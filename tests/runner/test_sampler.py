@@ -423,3 +423,23 @@ def test_sampled_token_is_allowed_by_reference(
     assert math.isfinite(float(ref[0, token]))
     if temperature == 0.0:
         assert token == int(ref.argmax())
+
+
+def test_plain_greedy_path_matches_the_processed_path() -> None:
+    """Greedy rows with nothing to apply take the argmax off the model's logits without the
+    float32 copy; a row that needs processing (here: logprobs) sends the batch through the
+    full path. Same tokens."""
+    gen = torch.Generator().manual_seed(11)
+    V, B = 300, 17
+    logits = torch.randn(B, V + 20, generator=gen).to(torch.bfloat16)
+    logits[3, 10] = logits[3, 200] = 9.0  # a tie: lowest id
+    s = Sampler(V)
+    plain = s.prepare([make_row(SamplingParams(temperature=0.0))] * B)
+    assert plain.plain_greedy
+    fast = s.sample(logits, plain).token_ids
+    full = s.prepare([make_row(SamplingParams(temperature=0.0, logprobs=0))] * B)
+    assert not full.plain_greedy
+    assert s.sample(logits, full).token_ids == fast == logits[:, :V].float().argmax(-1).tolist()
+    assert fast[3] == 10
+    with pytest.raises(ValueError):
+        s.sample(logits[:, : V - 1], plain)

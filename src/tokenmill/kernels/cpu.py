@@ -28,12 +28,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "w4a8.cpp",
-                             "decode_stack.cpp"))  # one library
+                for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "sampling.cpp",
+                             "w4a8.cpp", "decode_stack.cpp"))  # one library
 HEADERS = (Path(__file__).with_name("csrc") / "tm_kernels.h",)  # in the cache key too
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 13
+ABI_VERSION = 14
 BUILD_TIMEOUT_S = 180
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -78,6 +78,9 @@ class CpuKernels:
                       torch.float32: lib.tm_w8a8_matmul_f32}
         for fn in self._w8a8.values():
             fn.argtypes, fn.restype = _W4A8_ARGS, None
+        self._argmax = {torch.bfloat16: lib.tm_argmax_bf16, torch.float32: lib.tm_argmax_f32}
+        for fn in self._argmax.values():
+            fn.argtypes, fn.restype = [_P, _I, _I, _I, _P, ctypes.c_int], None
         self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
         # The whole decoder stack of a w4a8 decode step (models/fused_stack.py builds the
         # structures it takes).
@@ -85,6 +88,18 @@ class CpuKernels:
                              torch.float32: lib.tm_decode_stack_f32}
         for fn in self.decode_stack.values():
             fn.argtypes, fn.restype = [_P, _P, _P], ctypes.c_int64
+
+    def supports_argmax(self, x: torch.Tensor) -> bool:
+        return (x.dtype in self._argmax and x.device.type == "cpu" and x.dim() == 2
+                and x.stride(1) == 1 and x.shape[1] < 2**31)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, n] (rows contiguous, any row stride) -> int64 [B], the first largest of each
+        row: torch.argmax's answer wherever a row has no NaN."""
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax[x.dtype](x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+                              out.data_ptr(), torch.get_num_threads())
+        return out
 
     def supports_w4a8(self, x: torch.Tensor) -> bool:
         """x [M, K]: rows contiguous, of a CPU dtype the kernel knows, K a multiple of 32."""

@@ -168,8 +168,9 @@ class ModelRunner:
         return b
 
     def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[b.sample_rows]).float()
+        logits = self.model.compute_logits(hidden[b.sample_rows])  # the sampler widens it
         if b.grammar_job is not None and self._masker is not None:
+            logits = logits.float()
             # Masked before the sampler, so reported logprobs are of the model's distribution
             # renormalized over what the grammar allows (vLLM's choice; TGI's are of the fully
             # processed distribution). Penalties and temperature stay out of them, as elsewhere.

@@ -41,6 +41,8 @@ void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int6
                       const float*, int64_t, const int64_t*, const int64_t*, const int64_t*,
                       int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t, float*,
                       float*, int);
+void tm_argmax_bf16(const uint16_t*, int64_t, int64_t, int64_t, int64_t*, int);
+void tm_argmax_f32(const float*, int64_t, int64_t, int64_t, int64_t*, int);
 int tm_abi_version();
 }
 
