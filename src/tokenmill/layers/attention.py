@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +54,18 @@ class RowKeys:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    groups: list[SeqGroup]
     num_tokens: int
     rows: RowKeys | None = None  # built for CPU steps
+    # The per-group view (decode rows together, each prefill alone) that the gather + SDPA
+    # path reads. Built on first use: the native CPU path reads only `rows`.
+    make_groups: Callable[[], list[SeqGroup]] | None = field(default=None, repr=False)
+    _groups: list[SeqGroup] | None = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> list[SeqGroup]:
+        if self._groups is None:
+            self._groups = self.make_groups() if self.make_groups is not None else []
+        return self._groups
 
 
 class AttentionBackend(abc.ABC):
@@ -100,6 +111,16 @@ class TorchPagedAttention(AttentionBackend):
             for p in range(ctx - qlen, ctx):
                 slots.append(table[p // block_size] * block_size + p % block_size)
             pos += qlen
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), num_tokens=pos,
+            rows=(_row_keys(query_lens, context_lens, block_tables, block_size, sliding_window)
+                  if device.type == "cpu" else None),
+            make_groups=partial(self._groups, starts, query_lens, context_lens, block_tables,
+                                block_size, sliding_window, device))
+
+    def _groups(self, starts: list[int], query_lens: list[int], context_lens: list[int],
+                block_tables: list[list[int]], block_size: int, sliding_window: int | None,
+                device: torch.device) -> list[SeqGroup]:
         decode = [i for i, q in enumerate(query_lens) if q == 1]
         prefill = [i for i, q in enumerate(query_lens) if q > 1]
         groups: list[SeqGroup] = []
@@ -112,11 +133,7 @@ class TorchPagedAttention(AttentionBackend):
         for i in prefill:
             groups.append(self._group([starts[i]], [query_lens[i]], [context_lens[i]],
                                       [block_tables[i]], block_size, sliding_window, device))
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            groups=groups, num_tokens=pos,
-            rows=(_row_keys(query_lens, context_lens, block_tables, block_size, sliding_window)
-                  if device.type == "cpu" else None))
+        return groups
 
     @staticmethod
     def _group(starts: list[int], qlens: list[int], ctxs: list[int], tables: list[list[int]],
@@ -221,11 +238,10 @@ def _row_keys(query_lens: list[int], context_lens: list[int], block_tables: list
 
 def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> torch.Tensor:
     """[B, max_blocks] int64: each sequence's blocks that hold its context, padded with 0."""
-    out = torch.zeros(len(tables), max(-(-c // block_size) for c in ctxs), dtype=torch.long)
-    for r, (t, c) in enumerate(zip(tables, ctxs)):
-        n = -(-c // block_size)
-        out[r, :n] = torch.tensor(t[:n], dtype=torch.long)
-    return out
+    counts = [-(-c // block_size) for c in ctxs]
+    width = max(counts)
+    return torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(tables, counts)],
+                        dtype=torch.long)
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
