@@ -14,10 +14,10 @@
 
 namespace {
 
-using tm::exp_neg;
-using tm::load;
-using tm::round_to;
-using tm::store;
+using tmk::exp_neg;
+using tmk::load;
+using tmk::round_to;
+using tmk::store;
 
 #if defined(__AVX512BF16__)
 // 16 vectors of 16 floats -> one vector of their 16 sums (r[j] = sum of v[j]): pairwise

@@ -58,9 +58,9 @@ struct Step {
 };
 
 inline float to_float(float v) { return v; }
-inline float to_float(uint16_t b) { return tm::bf16_to_float(b); }
+inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }
 inline void put(float* p, float v) { *p = v; }
-inline void put(uint16_t* p, float v) { *p = tm::float_to_bf16(v); }
+inline void put(uint16_t* p, float v) { *p = tmk::float_to_bf16(v); }
 
 // The dtype-dispatched kernel entry points.
 inline void norm(const uint16_t* x, const uint16_t* res, uint16_t* r_out, const void* w,

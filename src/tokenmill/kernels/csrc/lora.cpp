@@ -17,10 +17,10 @@
 
 namespace {
 
-using tm::exp_neg;
-using tm::load;
-using tm::round_to;
-using tm::store;
+using tmk::exp_neg;
+using tmk::load;
+using tmk::round_to;
+using tmk::store;
 
 constexpr int64_t RB = 4;   // token rows per block
 constexpr int64_t OC = 64;  // output columns per expand work item

@@ -12,10 +12,10 @@
 
 namespace {
 
-using tm::exp_neg;
-using tm::load;
-using tm::round_to;
-using tm::store;
+using tmk::exp_neg;
+using tmk::load;
+using tmk::round_to;
+using tmk::store;
 
 // act[m] = silu(gate[m]) * up[m] for rows gu[m] = [gate (I) | up (I)], with torch's roundings
 // (`F.silu(gate) * up`): silu(x) = x * sigmoid(x) in float32, rounded to T, then the product

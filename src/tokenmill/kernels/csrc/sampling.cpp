@@ -11,7 +11,7 @@
 
 namespace {
 
-using tm::load;
+using tmk::load;
 
 // The index of the first largest of x[0:n]: torch.argmax's answer on any row without NaN
 // (NaN compares false here, so it is skipped; torch would return its index).

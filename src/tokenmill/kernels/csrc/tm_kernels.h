@@ -48,7 +48,7 @@ int tm_abi_version();
 
 // bfloat16 <-> float as torch converts them: widening is a shift; narrowing rounds to nearest
 // even (a NaN stays a NaN, quieted).
-namespace tm {
+namespace tmk {
 inline float bf16_to_float(uint16_t b) {
   const uint32_t u = uint32_t(b) << 16;
   float f;
@@ -64,9 +64,9 @@ inline uint16_t float_to_bf16(float v) {
 
 // Element access in float32 whatever the storage type, and the softmax's exp.
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) { return tm::bf16_to_float(p[i]); }
+inline float load(const uint16_t* p, int64_t i) { return tmk::bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) { p[i] = tm::float_to_bf16(v); }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = tmk::float_to_bf16(v); }
 
 // exp(x) for the softmax, in plain arithmetic so that `omp simd` vectorizes it (glibc's
 // vector expf needs -ffast-math): 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split
@@ -99,4 +99,4 @@ inline float round_to(float v, const uint16_t*) {
   store(&b, 0, v);
   return load(&b, 0);
 }
-}  // namespace tm
+}  // namespace tmk

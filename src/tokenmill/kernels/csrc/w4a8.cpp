@@ -47,9 +47,9 @@ constexpr int64_t MB = 8;           // activation rows per pass over a tile's we
 constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
 
 inline float to_float(float v) { return v; }
-inline float to_float(uint16_t b) { return tm::bf16_to_float(b); }
+inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }
 inline void from_float(float* p, float v) { *p = v; }
-inline void from_float(uint16_t* p, float v) { *p = tm::float_to_bf16(v); }
+inline void from_float(uint16_t* p, float v) { *p = tmk::float_to_bf16(v); }
 
 // One group of 32 activations: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)) clamped
 // to +-127, xs = sum of xq. The same float operations as `quantize_activations` in
