@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,10 +53,22 @@ class RowKeys:
 
 
 @dataclass
+class DeviceRows:
+    """A step as the Triton kernel walks it (layers/triton_attention.py): device int32 tensors."""
+
+    qblocks: torch.Tensor  # [n, 2] (sequence, first query row within it) per program
+    seqs: torch.Tensor  # [S, 3] (first row in the flat batch, query length, context length)
+    tables: torch.Tensor  # [S, max_blocks] block ids, padded with 0
+    block_q: int  # query tokens per program
+    window: int  # sliding window, 0 for none
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     num_tokens: int
     rows: RowKeys | None = None  # built for CPU steps
+    device_rows: DeviceRows | None = None  # built by the Triton backend
     # The per-group view (decode rows together, each prefill alone) that the gather + SDPA
     # path reads. Built on first use: the native CPU path reads only `rows`.
     make_groups: Callable[[], list[SeqGroup]] | None = field(default=None, repr=False)
@@ -157,12 +170,10 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 kv_written: bool = False) -> torch.Tensor:
-        _, hk, num_blocks, block_size, d = kv_cache.shape
+        hk, d = kv_cache.shape[1], kv_cache.shape[4]
         same = kv_cache.dtype == q.dtype  # (a no-op .to() still costs a dispatch per layer)
-        for i, new in (() if kv_written else ((0, k), (1, v))):
-            kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
-                1, meta.slot_mapping, new.transpose(0, 1) if same
-                else new.transpose(0, 1).to(kv_cache.dtype))
+        if not kv_written:
+            self.write_kv(k, v, kv_cache, meta)
         per_row = meta.rows
         if (per_row is not None and (kern := cpu_kernels()) is not None
                 and kern.supports_decode(q, kv_cache)):  # every row straight from the cache
@@ -191,6 +202,16 @@ class TorchPagedAttention(AttentionBackend):
                                                enable_gqa=hk != qg.shape[1])
             out[rows] = o.transpose(1, 2).reshape(b * nq, -1, d)
         return out
+
+    @staticmethod
+    def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """k/v [T, Hk, D] into their cache slots (`meta.slot_mapping`)."""
+        _, hk, num_blocks, block_size, d = kv_cache.shape
+        for i, new in ((0, k), (1, v)):
+            new = new.transpose(0, 1)
+            kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
+                1, meta.slot_mapping, new if new.dtype == kv_cache.dtype else new.to(kv_cache.dtype))
 
     @staticmethod
     def _decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -256,10 +277,22 @@ _BACKENDS: dict[str, type[AttentionBackend]] = {"torch-sdpa": TorchPagedAttentio
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """"auto": the Triton kernel on CUDA when triton imports (TOKENMILL_TRITON_ATTENTION=0
+    opts out), else gather + SDPA, whose CPU steps take the native per-row kernel."""
+    from tokenmill.layers import triton_attention as ta  # it imports this module
+
+    backends: dict[str, type[AttentionBackend]] = {**_BACKENDS,
+                                                   "triton": ta.TritonPagedAttention}
     if name == "auto":
         name = "torch-sdpa"
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
-    backend = _BACKENDS[name]()
+        if (device.type == "cuda" and ta.triton_available()
+                and os.environ.get("TOKENMILL_TRITON_ATTENTION", "1") != "0"):
+            name = "triton"
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
+    if name == "triton" and not (ta.triton_available()
+                                 and (device.type == "cuda" or ta.interpreted())):
+        raise ValueError("the triton attention backend needs triton and a CUDA device")
+    backend = backends[name]()
     logger.info("attention backend: %s on %s", backend.name, device)
     return backend

@@ -1,0 +1,202 @@
+"""Paged attention on CUDA as one Triton kernel for any step: decode rows, fresh prefills and
+chunked prefills over cached context, all read straight from the paged cache (no gather, no
+padding to the longest context).
+
+The grid is (query blocks, KV heads). `build_device_rows` lists the query blocks, each a
+sequence and its first query row, on the host when the step's metadata is built (the runner
+knows every length then), so a launch never waits on the device. A program takes BLOCK_Q query
+tokens of one sequence with the G query heads that share its KV head, as one tile of
+BLOCK_Q * G_PAD rows (GQA: each K/V tile is loaded once for all G heads). It walks the keys
+BLOCK_N at a time, looking each key's slot up in the block table, with flash attention's
+online softmax in float32, from the first key its rows may see (a sliding window skips the
+earlier ones) to the last (causal).
+
+triton is optional (not a project dependency): `TritonPagedAttention` is chosen for CUDA only
+when it imports. The tests run the kernel in triton's CPU interpreter against the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+from tokenmill.layers.attention import AttentionMetadata, DeviceRows, TorchPagedAttention
+
+# triton.language, bound by `_kernel()`: triton resolves `tl` in a kernel's module globals (the
+# interpreter patches it there), so it cannot be a local of the function that defines it.
+tl: Any = None
+
+BLOCK_N = 32  # keys per step of the walk
+BLOCK_Q_PREFILL = 16  # query tokens per program in a step with a prefill
+MIN_ROWS = 16  # tl.dot wants every tile dimension >= 16
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernel() -> Any:
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, qblocks_ptr, seqs_ptr,
+                        scale, window, G, D, BS,
+                        sqt, sqh, skh, skb, sko, svh, svb, svo, sot, soh, st,
+                        BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        seq = tl.load(qblocks_ptr + 2 * pid)
+        first = tl.load(qblocks_ptr + 2 * pid + 1)  # the block's first query, within its sequence
+        q_start = tl.load(seqs_ptr + 3 * seq)  # the sequence's first row in the flat batch
+        q_len = tl.load(seqs_ptr + 3 * seq + 1)
+        ctx = tl.load(seqs_ptr + 3 * seq + 2)  # keys in the cache, this step's included
+
+        offs_m = tl.arange(0, M)  # M = max(BLOCK_Q * G_PAD, 16): tl.dot's smallest tile
+        tok = first + offs_m // G_PAD
+        g = offs_m % G_PAD
+        row_ok = (tok < q_len) & (tok < first + BLOCK_Q) & (g < G)
+        pos = ctx - q_len + tok  # each row's position: it sees keys <= pos
+        head = h * G + g
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < D
+        row = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + row[:, None] * sqt + head[:, None] * sqh + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's dot is numpy's: no bfloat16
+            q = q.to(tl.float32)
+
+        last = tl.minimum(first + BLOCK_Q, q_len) - 1
+        hi = ctx - q_len + last + 1  # keys [lo, hi) cover every row of the block
+        lo = 0
+        if window > 0:
+            lo = tl.maximum(ctx - q_len + first - window + 1, 0)
+        lo = lo // BLOCK_N * BLOCK_N
+
+        m_i = tl.full((M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((M,), tl.float32)
+        acc = tl.zeros((M, D_PAD), tl.float32)
+        k_base = k_ptr + h.to(tl.int64) * skh
+        v_base = v_ptr + h.to(tl.int64) * svh
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < hi
+            blk = tl.load(tables_ptr + seq.to(tl.int64) * st + offs_n // BS, mask=key_ok,
+                          other=0).to(tl.int64)
+            k_off = blk * skb + (offs_n % BS) * sko
+            v_off = blk * svb + (offs_n % BS) * svo
+            k = tl.load(k_base + k_off[None, :] + offs_d[:, None],
+                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :],
+                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+            if UPCAST:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale
+            see = key_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+            if window > 0:
+                see = see & (offs_n[None, :] > pos[:, None] - window)
+            s = tl.where(see, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + row[:, None] * sot + head[:, None] * soh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    return paged_attention
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
+                    scale: float) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]; kv_cache [2, Hk, n_blocks, bs, D], this step's keys already
+    written. `rows` from `build_device_rows` for the same step."""
+    t, hq, d = q.shape
+    _, hk, _, bs, _ = kv_cache.shape
+    g = hq // hk
+    out = torch.empty_like(q)
+    if t == 0 or rows.qblocks.shape[0] == 0:
+        return out
+    k, v = kv_cache[0], kv_cache[1]
+    assert k.stride(3) == 1 and q.stride(2) == 1
+    grid = (rows.qblocks.shape[0], hk)
+    g_pad = _next_pow2(g)
+    _kernel()[grid](q, k, v, out, rows.tables, rows.qblocks, rows.seqs, scale,
+                    rows.window, g, d, bs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
+                    out.stride(1), rows.tables.stride(0), BLOCK_Q=rows.block_q,
+                    G_PAD=g_pad, M=max(MIN_ROWS, rows.block_q * g_pad), BLOCK_N=BLOCK_N,
+                    D_PAD=max(16, _next_pow2(d)), UPCAST=interpreted(),
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
+    return out
+
+
+class TritonPagedAttention(TorchPagedAttention):
+    """The torch backend's metadata and cache writes, with the Triton kernel for attention."""
+
+    name = "triton"
+
+    def build_metadata(self, query_lens: list[int], context_lens: list[int],
+                       block_tables: list[list[int]], block_size: int,
+                       sliding_window: int | None, device: torch.device) -> AttentionMetadata:
+        meta = super().build_metadata(query_lens, context_lens, block_tables, block_size,
+                                      sliding_window, device)
+        meta.rows = None  # the CPU kernel's view: not this backend's
+        meta.device_rows = build_device_rows(query_lens, context_lens, block_tables, block_size,
+                                             sliding_window, device)
+        return meta
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
+        if meta.device_rows is None:
+            return super().forward(q, k, v, kv_cache, meta, scale, kv_written)
+        if not kv_written:
+            self.write_kv(k, v, kv_cache, meta)
+        return paged_attention(q, kv_cache, meta.device_rows, scale)
+
+
+def build_device_rows(query_lens: list[int], context_lens: list[int],
+                      block_tables: list[list[int]], block_size: int, window: int | None,
+                      device: torch.device) -> DeviceRows:
+    """The kernel's view of a step (device int32 tensors, built from host lists). Query
+    tokens per program: one when every row decodes, BLOCK_Q_PREFILL otherwise."""
+    block_q = 1 if max(query_lens, default=1) <= 1 else BLOCK_Q_PREFILL
+    seqs: list[tuple[int, int, int]] = []
+    qblocks: list[tuple[int, int]] = []
+    start = 0
+    for i, (ql, ctx) in enumerate(zip(query_lens, context_lens)):
+        seqs.append((start, ql, ctx))
+        qblocks.extend((i, f) for f in range(0, ql, block_q))
+        start += ql
+    width = max((-(-c // block_size) for c in context_lens), default=1)
+    tables = [t[:width] + [0] * (width - len(t[:width])) for t in block_tables]
+
+    def tensor(x: list[Any], cols: int) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32).view(-1, cols).to(device, non_blocking=True)
+
+    return DeviceRows(qblocks=tensor(qblocks, 2), seqs=tensor(seqs, 3),
+                      tables=tensor(tables, width), block_q=block_q, window=window or 0)

@@ -1,0 +1,157 @@
+"""The Triton paged attention kernel (layers/triton_attention.py) against the torch path
+(gather + SDPA / batched matmuls) in triton's CPU interpreter, and on CUDA when there is one.
+triton is optional: without it the kernel tests skip.
+
+As in tests/lora/test_lora_triton.py, the interpreter must be chosen before triton is imported,
+so the interpreted tests run in a child pytest with TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
+from tokenmill.layers.triton_attention import (
+    BLOCK_Q_PREFILL,
+    TritonPagedAttention,
+    build_device_rows,
+    triton_available,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreted_kernel's child")
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="this is the child")
+def test_interpreted_kernel() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+           "-k", "interpreted_kernel_"]
+    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+
+
+def test_device_rows_list_every_query_block() -> None:
+    # a decode, a 40-token prefill (3 blocks of 16), 6 tokens after 13 cached
+    rows = build_device_rows([1, 40, 6], [9, 40, 19], [[3, 4, 5], list(range(6, 16)), [0, 1, 2]],
+                             4, None, torch.device("cpu"))
+    assert rows.block_q == BLOCK_Q_PREFILL == 16
+    assert rows.qblocks.tolist() == [[0, 0], [1, 0], [1, 16], [1, 32], [2, 0]]
+    assert rows.seqs.tolist() == [[0, 1, 9], [1, 40, 40], [41, 6, 19]]
+    assert rows.tables.shape == (3, 10) and rows.tables[0].tolist() == [3, 4, 5] + [0] * 7
+    assert rows.window == 0 and rows.qblocks.dtype == torch.int32
+    decode = build_device_rows([1, 1], [5, 7], [[0, 1], [2, 3]], 4, 3, torch.device("cpu"))
+    assert decode.block_q == 1 and decode.qblocks.tolist() == [[0, 0], [1, 0]]
+    assert decode.window == 3
+
+
+def test_backend_choice() -> None:
+    cpu = torch.device("cpu")
+    assert get_attention_backend("auto", cpu).name == "torch-sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_attention_backend("flash", cpu)
+    if not INTERPRET:
+        with pytest.raises(ValueError, match="needs triton and a CUDA device"):
+            get_attention_backend("triton", cpu)
+
+
+def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
+          dtype: torch.dtype, device: torch.device
+          ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [-(-c // bs) for c in ctxs]
+    n_blocks = sum(per_seq) + 3
+    ids = random.Random(seed).sample(range(n_blocks), n_blocks)  # scattered tables
+    tables, at = [], 0
+    for n in per_seq:
+        tables.append(ids[at:at + n])
+        at += n
+    cache = torch.randn(2, hk, n_blocks, bs, d, generator=gen).to(dtype).to(device)
+    t = sum(qlens)
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype).to(device) for h in (hq, hk, hk))
+    return tables, cache, q, k, v
+
+
+def _compare(qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
+             window: int | None, dtype: torch.dtype, device: torch.device) -> None:
+    tables, cache, q, k, v = _step(0, qlens, ctxs, hq, hk, d, bs, dtype, device)
+    scale = d ** -0.5
+    tri, ref = TritonPagedAttention(), TorchPagedAttention()
+    meta = tri.build_metadata(qlens, ctxs, tables, bs, window, device)
+    assert meta.device_rows is not None and meta.rows is None
+    tri_cache = cache.clone()
+    got = tri.forward(q, k, v, tri_cache, meta, scale)
+    ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, window, device)
+    ref_meta.rows = None  # gather + SDPA, not the native CPU kernel
+    want = ref.forward(q, k, v, cache, ref_meta, scale)
+    assert torch.equal(tri_cache, cache)  # the same keys and values written
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# two decodes, a fresh 21-token prefill (two query blocks), 6 new tokens after 13 cached
+MIXED = ([1, 1, 21, 6], [9, 30, 21, 19])
+DECODE = ([1, 1, 1], [5, 17, 33])
+
+
+@interpreted
+@pytest.mark.parametrize("step", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4), (8, 2)], ids=["g3", "g1", "g4"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_interpreted_kernel_matches_torch(step: tuple[list[int], list[int]],
+                                          heads: tuple[int, int], window: int | None) -> None:
+    _compare(*step, *heads, 64, 4, window, torch.float32, torch.device("cpu"))
+
+
+@interpreted
+@pytest.mark.parametrize("d, bs", [(80, 16), (32, 8)])
+def test_interpreted_kernel_odd_shapes(d: int, bs: int) -> None:
+    """A head dim that is not a power of two, bfloat16 storage, another block size."""
+    _compare(*MIXED, 6, 2, d, bs, None, torch.bfloat16, torch.device("cpu"))
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernel")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("block_q", [1, BLOCK_Q_PREFILL])
+def test_kernel_compiles_for_sm90(dtype: str, block_q: int, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU needed: ahead-of-time compilation to PTX catches what the interpreter does not
+    check (tl.dot shapes and dtypes, constexpr handling), and shows the tensor cores used."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tokenmill.layers import triton_attention as ta
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = ta._kernel()
+    ptr = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "o_ptr": dtype, "tables_ptr": "i32",
+           "qblocks_ptr": "i32", "seqs_ptr": "i32"}
+    consts = {"BLOCK_Q": block_q, "G_PAD": 4, "M": max(16, 4 * block_q), "BLOCK_N": ta.BLOCK_N,
+              "D_PAD": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    sig = {n: f"*{ptr[n]}" if n in ptr else "constexpr" if n in consts
+           else "fp32" if n == "scale" else "i32" for n in kernel.arg_names}
+    src = ASTSource(kernel, sig, constexprs={n: consts[n] for n in sig if n in consts})
+    ptx = triton_compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert ("mma" in ptx) == (dtype == "bf16")  # fp32 with "ieee": exact FMA, no TF32
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("window", [None, 7])
+def test_cuda_kernel_matches_torch(window: int | None) -> None:
+    qlens = [1] * 24 + [200, 37]
+    ctxs = [random.Random(i).randint(1, 900) for i in range(24)] + [200, 400]
+    _compare(qlens, ctxs, 32, 8, 128, 16, window, torch.bfloat16, torch.device("cuda"))
