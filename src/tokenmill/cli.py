@@ -26,6 +26,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "groups of 32, exact for Q4_0/Q4_1 GGUF weights, bf16 activations); "
                         "w4a8 (the same weights, activations rounded to int8 per group of 32 "
                         "as llama.cpp does; faster, native kernel)")
+    g.add_argument("--load-format", default=_env_default("--load-format", str, "auto"),
+                   choices=["auto", "dummy"],
+                   help="dummy: random weights of the model's shapes, nothing read but "
+                        "config.json and the tokenizer (for benchmarks)")
     g.add_argument("--max-batch-total-tokens", type=int,
                    default=_env_default("--max-batch-total-tokens", int, None),
                    help="KV cache size in tokens (default: a fraction of free memory)")
@@ -50,7 +54,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(model_id=a.model_id, revision=a.revision, dtype=a.dtype, device=a.device,
-                quantize=a.quantize,
+                quantize=a.quantize, load_format=a.load_format,
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")

@@ -60,8 +60,13 @@ class ModelConfig:
     lora_adapters: list[str] = field(default_factory=list)
     # Weight-only quantization of the linear layers at load: None (as loaded) or "int4" (CPU).
     quantize: str | None = None
+    # "dummy": random weights of the checkpoint's shapes, nothing read (benchmarks of large
+    # shapes without a download: only config.json and the tokenizer are needed).
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"unknown load format {self.load_format!r}; available: auto, dummy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:

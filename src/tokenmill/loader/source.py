@@ -98,11 +98,16 @@ class ModelSource:
 # Local files
 
 
-def _classify_folder(folder: Path, *, hub_hint: str = "") -> tuple[Path, ModelFormat]:
-    """Decide what a model folder holds and check the files the format needs are there."""
+def _classify_folder(folder: Path, *, hub_hint: str = "",
+                     weights: bool = True) -> tuple[Path, ModelFormat]:
+    """Decide what a model folder holds and check the files the format needs are there
+    (`weights=False`: config.json alone will do, for random weights)."""
     has_config = (folder / CONFIG_NAME).is_file()
     has_safetensors = (folder / INDEX_NAME).is_file() or any(folder.glob("*.safetensors"))
     ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
+    if not weights and has_config and not has_safetensors and not ggufs:
+        _read_json(folder / CONFIG_NAME)
+        return folder, "hf"
 
     if has_config and has_safetensors:
         _read_json(folder / CONFIG_NAME)  # a broken config fails now, not mid-start-up
@@ -143,10 +148,10 @@ def _classify_folder(folder: Path, *, hub_hint: str = "") -> tuple[Path, ModelFo
     )
 
 
-def _local_source(model_id: str, path: Path) -> ModelSource:
+def _local_source(model_id: str, path: Path, weights: bool = True) -> ModelSource:
     path = Path(os.path.abspath(path))
     if path.is_dir():
-        resolved, fmt = _classify_folder(path)
+        resolved, fmt = _classify_folder(path, weights=weights)
         return ModelSource(model_id=model_id, path=resolved, format=fmt)
     if path.suffix.lower() == ".gguf":
         read_gguf(path)
@@ -310,7 +315,8 @@ def _hub_source(model_id: str, revision: str | None, token: str | None) -> Model
 
 
 def resolve_model(
-    model_id: str | None, *, revision: str | None = None, token: str | None = None
+    model_id: str | None, *, revision: str | None = None, token: str | None = None,
+    weights: bool = True,
 ) -> ModelSource:
     """Find a model and check that its files are there and readable.
 
@@ -321,7 +327,9 @@ def resolve_model(
       fetched with `huggingface_hub.snapshot_download`, honouring HF_HOME, HF_HUB_CACHE,
       HF_HUB_OFFLINE and HF_TOKEN.
 
-    Raises `ModelLoadError` with a one-line message for anything missing or malformed.
+    `weights=False` (random weights, `--load-format dummy`) also takes a local folder with
+    config.json and no weights. Raises `ModelLoadError` with a one-line message for anything
+    missing or malformed.
     """
     if model_id is None:
         return ModelSource(model_id=DEFAULT_MODEL_ID, path=default_model_path(), format="gguf")
@@ -331,7 +339,7 @@ def resolve_model(
     if local.exists():
         if revision is not None:
             logger.warning("ignoring revision %r for local path %s", revision, local)
-        return _local_source(model_id, local)
+        return _local_source(model_id, local, weights)
     if _looks_like_path(model_id):
         raise ModelLoadError(f"{local}: no such file or directory", path=local)
     return _hub_source(model_id, revision, token)

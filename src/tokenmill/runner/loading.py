@@ -82,7 +82,7 @@ class LoadedModel:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     source = resolve_model(cfg.model_id, revision=cfg.revision,
-                           token=os.environ.get("HF_TOKEN"))
+                           token=os.environ.get("HF_TOKEN"), weights=cfg.load_format != "dummy")
     hf_config = source.config()
     try:
         model_cls = get_model_class(hf_config)
@@ -100,14 +100,18 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             model = model_cls(arch, backend)
     finally:
         torch.set_default_dtype(prev)
-    try:
-        loaded = model.load_weights(source.iter_weights())
-    except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{source.path}: {e}") from e
-    missing = model.expected_weights() - loaded
-    if missing:
-        names = ", ".join(sorted(m.replace("#", ":").rstrip(":") for m in missing)[:5])
-        raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights ({names})")
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, cfg.seed)
+    else:
+        try:
+            loaded = model.load_weights(source.iter_weights())
+        except (KeyError, ValueError) as e:
+            raise ModelLoadError(f"{source.path}: {e}") from e
+        missing = model.expected_weights() - loaded
+        if missing:
+            names = ", ".join(sorted(m.replace("#", ":").rstrip(":") for m in missing)[:5])
+            raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights "
+                                 f"({names})")
     model.eval()
     if cfg.quantize is not None:
         if device.type != "cpu":
@@ -121,6 +125,21 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
                 type(model).__name__, device, str(dtype).removeprefix("torch."),
                 time.perf_counter() - t0)
     return LoadedModel(source, hf_config, source.generation_config(), model, device, dtype)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """`--load-format dummy`: norms' weights 1, every other parameter N(0, 0.02^2) (biases
+    0), drawn on the parameter's own device from a seeded generator."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            p.fill_(1.0)
+        else:
+            gen = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
