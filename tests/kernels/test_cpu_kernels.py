@@ -3,7 +3,9 @@ against a float64 reference, in float32 and bfloat16, with fused (block-diagonal
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -350,3 +352,28 @@ def test_argmax_is_torchs_first_largest(dtype: torch.dtype) -> None:
         assert kern.supports_argmax(x)
         assert torch.equal(kern.argmax(x), x.float().argmax(dim=-1))
     assert torch.equal(kern.argmax(wide[4:5, :1000]), kern.argmax(wide[:, :1000])[4:5])
+
+
+def test_ctypes_signatures_come_from_the_header() -> None:
+    sigs = cpu.header_signatures(cpu.HEADERS[0].read_text())
+    restype, args = sigs["tm_paged_decode_bf16"]
+    assert restype is None and len(args) == 19
+    assert args[0] is ctypes.c_void_p and args[1] is ctypes.c_int64
+    assert args[15] is ctypes.c_float and args[18] is ctypes.c_int
+    assert sigs["tm_rope_kv_f32"][0] is ctypes.c_int64 and sigs["tm_abi_version"] == (
+        ctypes.c_int, [])
+    with pytest.raises(ValueError, match="no ctypes mapping"):
+        cpu.header_signatures('extern "C" {\nvoid tm_x(double);\n}')
+
+
+@needs_compiler
+def test_every_exported_entry_point_is_declared(tmp_path: Path) -> None:
+    lib = build(tmp_path)
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm")
+    out = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True,
+                         text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if " tm_" in line}
+    declared = set(cpu.header_signatures(cpu.HEADERS[0].read_text()))
+    assert exported == declared

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,14 +37,34 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 ABI_VERSION = 14
 BUILD_TIMEOUT_S = 180
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-_LORA_ARGS: list[Any] = [_P, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _I,
-                         _P, _P, ctypes.c_int]
-_DECODE_ARGS: list[Any] = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _I, _I, _I,
-                           ctypes.c_float, _P, _I, ctypes.c_int]
-_NORM_ARGS: list[Any] = [_P, _I, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int]
-_ROPE_ARGS: list[Any] = [_P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, ctypes.c_int]
-_W4A8_ARGS: list[Any] = [_P, _I, _I, _I, _P, _P, _I, _P, _I, ctypes.c_int]
+_C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
+                           "float": ctypes.c_float, "void": None}
+_DECL = re.compile(r"^\s*([\w ]+?\**)\s*\b(tm_\w+)\(([^)]*)\);", re.MULTILINE)
+
+
+def _c_type(decl: str) -> Any:
+    """A C parameter or return type of the header's declarations as a ctypes type."""
+    if "*" in decl:
+        return ctypes.c_void_p
+    base = decl.replace("const", "").strip()
+    if base not in _C_TYPES:
+        raise ValueError(f"tm_kernels.h: no ctypes mapping for {decl!r}")
+    return _C_TYPES[base]
+
+
+def header_signatures(text: str) -> dict[str, tuple[Any, list[Any]]]:
+    """name -> (restype, argtypes) for every `tm_*` declaration in the `extern "C"` block of
+    tm_kernels.h: the header the C++ definitions are compiled against is the one source of
+    the entry points' signatures, so ctypes cannot drift from them."""
+    block = text[text.index('extern "C" {'):]
+    block = block[:block.index("\n}")]
+    sigs: dict[str, tuple[Any, list[Any]]] = {}
+    for ret, name, params in _DECL.findall(block):
+        args = [p.strip() for p in params.split(",") if p.strip()]
+        sigs[name] = (_c_type(ret), [_c_type(p) for p in args])
+    return sigs
+
+
 W4A8_GROUP, W4A8_TILE = 32, 16  # K group (weights and activations), output rows per tile
 MAX_DECODE_GROUP_DIM = 4096  # (query heads per KV head) x head_dim: the kernel's stack buffers
 
@@ -53,41 +74,28 @@ class CpuKernels:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self._lora = {torch.bfloat16: lib.tm_lora_sgmv_bf16, torch.float32: lib.tm_lora_sgmv_f32}
-        for fn in self._lora.values():
-            fn.argtypes, fn.restype = _LORA_ARGS, None
-        self._decode = {torch.bfloat16: lib.tm_paged_decode_bf16,
-                        torch.float32: lib.tm_paged_decode_f32}
-        for fn in self._decode.values():
-            fn.argtypes, fn.restype = _DECODE_ARGS, None
-        self._norm = {torch.bfloat16: lib.tm_add_rmsnorm_bf16,
-                      torch.float32: lib.tm_add_rmsnorm_f32}
-        for fn in self._norm.values():
-            fn.argtypes, fn.restype = _NORM_ARGS, None
-        self._silu = {torch.bfloat16: lib.tm_silu_mul_bf16, torch.float32: lib.tm_silu_mul_f32}
-        for fn in self._silu.values():
-            fn.argtypes, fn.restype = [_P, _P, _I, _I, ctypes.c_int], None
-        self._rope = {torch.bfloat16: lib.tm_rope_kv_bf16, torch.float32: lib.tm_rope_kv_f32}
-        for fn in self._rope.values():
-            fn.argtypes, fn.restype = _ROPE_ARGS, ctypes.c_int64
-        self._w4a8 = {torch.bfloat16: lib.tm_w4a8_matmul_bf16,
-                      torch.float32: lib.tm_w4a8_matmul_f32}
-        for fn in self._w4a8.values():
-            fn.argtypes, fn.restype = _W4A8_ARGS, None
-        self._w8a8 = {torch.bfloat16: lib.tm_w8a8_matmul_bf16,
-                      torch.float32: lib.tm_w8a8_matmul_f32}
-        for fn in self._w8a8.values():
-            fn.argtypes, fn.restype = _W4A8_ARGS, None
-        self._argmax = {torch.bfloat16: lib.tm_argmax_bf16, torch.float32: lib.tm_argmax_f32}
-        for fn in self._argmax.values():
-            fn.argtypes, fn.restype = [_P, _I, _I, _I, _P, ctypes.c_int], None
-        self.w4a8_vnni = bool(lib.tm_w4a8_vnni())  # else the scalar loop: same bits, slower
+        sigs = header_signatures(HEADERS[0].read_text())
+
+        def bind(name: str) -> Any:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = sigs[name]
+            return fn
+
+        def per_dtype(op: str) -> dict[torch.dtype, Any]:
+            return {torch.bfloat16: bind(f"tm_{op}_bf16"), torch.float32: bind(f"tm_{op}_f32")}
+
+        self._lora = per_dtype("lora_sgmv")
+        self._decode = per_dtype("paged_decode")
+        self._norm = per_dtype("add_rmsnorm")
+        self._silu = per_dtype("silu_mul")
+        self._rope = per_dtype("rope_kv")
+        self._w4a8 = per_dtype("w4a8_matmul")
+        self._w8a8 = per_dtype("w8a8_matmul")
+        self._argmax = per_dtype("argmax")
+        self.w4a8_vnni = bool(bind("tm_w4a8_vnni")())  # else the scalar loop: same bits, slower
         # The whole decoder stack of a w4a8 decode step (models/fused_stack.py builds the
         # structures it takes).
-        self.decode_stack = {torch.bfloat16: lib.tm_decode_stack_bf16,
-                             torch.float32: lib.tm_decode_stack_f32}
-        for fn in self.decode_stack.values():
-            fn.argtypes, fn.restype = [_P, _P, _P], ctypes.c_int64
+        self.decode_stack = per_dtype("decode_stack")
 
     def supports_argmax(self, x: torch.Tensor) -> bool:
         return (x.dtype in self._argmax and x.device.type == "cpu" and x.dim() == 2

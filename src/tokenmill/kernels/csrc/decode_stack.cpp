@@ -12,10 +12,8 @@
 
 #include "tm_kernels.h"
 
-namespace {
-
-// Mirrors of the ctypes structures in kernels/decode_stack.py (field order matters).
-struct Layer {
+// Mirrors of the ctypes structures in models/fused_stack.py (field order matters).
+struct TmLayer {
   const void* in_norm;
   const void* post_norm;
   const uint8_t* qkv_w;
@@ -30,7 +28,7 @@ struct Layer {
   void* kv;  // [2, Hk, n_blocks, bs, D]
 };
 
-struct Stack {
+struct TmStack {
   int64_t n_layers, H, I, Hq, Hk, D, bs, kv_head;  // kv_head = n_blocks * bs * D
   float eps, scale;
   const void* cos;
@@ -38,7 +36,7 @@ struct Stack {
   int64_t n_positions;
 };
 
-struct Step {
+struct TmStep {
   int64_t M;
   const int64_t* positions;
   const int64_t* slots;
@@ -56,6 +54,12 @@ struct Step {
   float* attn_scratch;  // threads * (Hq / Hk) * max_keys floats
   int threads;
 };
+
+namespace {
+
+using Layer = TmLayer;
+using Stack = TmStack;
+using Step = TmStep;
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }

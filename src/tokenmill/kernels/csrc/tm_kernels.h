@@ -1,7 +1,8 @@
 // The C entry points of tokenmill's CPU kernels, shared by their definitions (lora.cpp,
-// attention.cpp, pointwise.cpp, w4a8.cpp), by decode_stack.cpp, which chains them, and
-// mirrored by the ctypes argtypes in kernels/cpu.py. Declaring them once lets the compiler
-// check that every definition and every call agree.
+// attention.cpp, pointwise.cpp, sampling.cpp, w4a8.cpp, decode_stack.cpp) and by
+// decode_stack.cpp, which chains them. Declaring them once lets the compiler check that every
+// definition and every call agree, and kernels/cpu.py reads its ctypes signatures from this
+// block too (pointers, int64_t, int and float only, one declaration per entry point).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -43,7 +44,15 @@ void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int6
                       float*, int);
 void tm_argmax_bf16(const uint16_t*, int64_t, int64_t, int64_t, int64_t*, int);
 void tm_argmax_f32(const float*, int64_t, int64_t, int64_t, int64_t*, int);
+int tm_w4a8_vnni();
 int tm_abi_version();
+// The fused stack's structures, defined in decode_stack.cpp and mirrored by ctypes structures
+// in models/fused_stack.py.
+struct TmLayer;
+struct TmStack;
+struct TmStep;
+int64_t tm_decode_stack_bf16(const TmLayer*, const TmStack*, const TmStep*);
+int64_t tm_decode_stack_f32(const TmLayer*, const TmStack*, const TmStep*);
 }
 
 // bfloat16 <-> float as torch converts them: widening is a shift; narrowing rounds to nearest
