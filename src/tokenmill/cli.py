@@ -30,6 +30,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shapes, nothing read but "
                         "config.json and the tokenizer (for benchmarks)")
+    g.add_argument("--cuda-graphs", default=_env_default("--cuda-graphs", str,
+                                                         "1,2,4,8,16,32,64,128"),
+                   help="decode batch sizes recorded as CUDA graphs, comma-separated; 0: none "
+                        "(CUDA with the Triton attention backend)")
     g.add_argument("--max-batch-total-tokens", type=int,
                    default=_env_default("--max-batch-total-tokens", int, None),
                    help="KV cache size in tokens (default: a fraction of free memory)")
@@ -55,6 +59,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(model_id=a.model_id, revision=a.revision, dtype=a.dtype, device=a.device,
                 quantize=a.quantize, load_format=a.load_format,
+                cuda_graphs=[int(b) for b in a.cuda_graphs.split(",") if b.strip()],
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")

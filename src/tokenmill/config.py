@@ -63,8 +63,13 @@ class ModelConfig:
     # "dummy": random weights of the checkpoint's shapes, nothing read (benchmarks of large
     # shapes without a download: only config.json and the tokenizer are needed).
     load_format: str = "auto"
+    # Decode batch sizes recorded as CUDA graphs (TGI's --cuda-graphs; [] or [0]: none). Used
+    # on CUDA with the Triton attention backend.
+    cuda_graphs: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
 
     def __post_init__(self) -> None:
+        if any(b < 0 for b in self.cuda_graphs):
+            raise ValueError("cuda_graphs: batch sizes must be >= 0")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load format {self.load_format!r}; available: auto, dummy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -35,9 +35,12 @@ def config_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_unknown_load_format_is_refused() -> None:
+def test_unknown_load_format_and_bad_graph_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown load format"):
         ModelConfig(load_format="npz")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        ModelConfig(cuda_graphs=[1, -2])
+    assert ModelConfig(cuda_graphs=[0]).cuda_graphs == [0]  # TGI's "0": none
 
 
 def test_a_folder_without_weights_needs_dummy(config_only: Path) -> None:

@@ -155,3 +155,75 @@ def test_cuda_kernel_matches_torch(window: int | None) -> None:
     qlens = [1] * 24 + [200, 37]
     ctxs = [random.Random(i).randint(1, 900) for i in range(24)] + [200, 400]
     _compare(qlens, ctxs, 32, 8, 128, 16, window, torch.bfloat16, torch.device("cuda"))
+
+
+@interpreted
+def test_interpreted_kernel_cuda_graph_padding() -> None:
+    """The CUDA-graph decode path's static buffers, run eagerly: a 3-row step in the 4-row
+    bucket (one padding row) gives the plain forward's hidden states and cache writes, and the
+    padding row writes only into the scratch block."""
+    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
+    from tokenmill.runner.cuda_graphs import DecodeGraphs
+    from tokenmill.runner.loading import init_dummy_weights
+
+    arch = ArchConfig.from_hf(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2,
+                                   vocab_size=300, max_position_embeddings=128))
+    backend = TritonPagedAttention()
+    model = LlamaForCausalLM(arch, backend).eval()
+    init_dummy_weights(model, seed=1)
+    bs, nb = 4, 12
+    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs), generator=torch.Generator().manual_seed(2))
+    model.bind_kv_cache(cache)
+    ctxs, tables = [5, 9, 2], [[3, 7], [0, 1, 11], [5]]
+    meta = backend.build_metadata([1, 1, 1], ctxs, tables, bs, None, torch.device("cpu"))
+    ids, pos = torch.tensor([11, 22, 33]), torch.tensor([c - 1 for c in ctxs])
+    before = cache.clone()
+    with torch.inference_mode():
+        want = model(ids, pos, meta)
+        after = cache.clone()
+        cache.copy_(before)
+        graphs = DecodeGraphs(model, torch.device("cpu"), [1, 4], 8, nb * bs, None, eager=True)
+        assert graphs.capture() and graphs.bucket(3) == 4 and graphs.bucket(5) is None
+        got = graphs.run(ids, pos, meta)
+    assert got is not None and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    real = slice(0, nb)  # every block but the scratch one
+    torch.testing.assert_close(cache[:, :, :, real], after[:, :, :, real], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(cache[:, :, :, nb], before[:, :, :, nb])  # the padding row's K/V
+    prefill = backend.build_metadata([3], [3], [[2]], bs, None, torch.device("cpu"))
+    assert graphs.run(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), prefill) is None
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_replay_matches_eager() -> None:
+    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
+    from tokenmill.runner.cuda_graphs import DecodeGraphs
+    from tokenmill.runner.loading import init_dummy_weights
+
+    dev = torch.device("cuda")
+    arch = ArchConfig.from_hf(dict(hidden_size=512, intermediate_size=1024,
+                                   num_hidden_layers=4, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=1000,
+                                   max_position_embeddings=1024))
+    backend = TritonPagedAttention()
+    with torch.device(dev):
+        model = LlamaForCausalLM(arch, backend).to(torch.bfloat16).eval()
+    init_dummy_weights(model, seed=1)
+    bs, nb = 16, 64
+    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs), device=dev).to(torch.bfloat16)
+    model.bind_kv_cache(cache)
+    ctxs = [5, 90, 33, 17, 250]
+    tables = [list(range(i * 12, i * 12 + 12))[: -(-c // bs)] for i, c in enumerate(ctxs)]
+    meta = backend.build_metadata([1] * 5, ctxs, tables, bs, None, dev)
+    ids = torch.tensor([11, 22, 33, 44, 55], device=dev)
+    pos = torch.tensor([c - 1 for c in ctxs], device=dev)
+    with torch.inference_mode():
+        want = model(ids, pos, meta).float()
+        graphs = DecodeGraphs(model, dev, [1, 8], 64, nb * bs, None)
+        assert graphs.capture()
+        got = graphs.run(ids, pos, meta)
+    assert got is not None
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)

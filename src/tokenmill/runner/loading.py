@@ -174,11 +174,15 @@ def load_startup_adapters(core: EngineCore, runner: ModelRunner, specs: list[str
 
 
 def build_runner(lm: LoadedModel, cache: CacheConfig,
-                 watermark: WatermarkConfig | None = None) -> ModelRunner:
+                 watermark: WatermarkConfig | None = None,
+                 cuda_graphs: list[int] | None = None) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
     wm = watermark or WatermarkConfig()
     runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks, cache.block_size,
-                         lm.dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta))
+                         lm.dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta),
+                         cuda_graphs=cuda_graphs,
+                         max_model_len=min(lm.model.cfg.max_position_embeddings,
+                                           blocks * cache.block_size))
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", blocks,
                 cache.block_size, blocks * cache.block_size,
                 blocks * cache.block_size * kv_bytes_per_token(lm.model, lm.dtype) / 2**30)
@@ -233,7 +237,7 @@ def build_core(config: EngineConfig) -> BuiltCore:
     request.
     """
     lm = load_model(config.model)
-    runner = build_runner(lm, config.cache, config.watermark)
+    runner = build_runner(lm, config.cache, config.watermark, config.model.cuda_graphs)
     runner.grammar = LLGuidanceBackend(partial(_grammar_tokenizer, lm), lm.model.cfg.vocab_size)
     cache_tokens = runner.num_blocks * runner.block_size
     max_len = min(lm.model.cfg.max_position_embeddings, cache_tokens,

@@ -24,6 +24,7 @@ from tokenmill.lora.adapter import LoraAdapter
 from tokenmill.lora.manager import LoraManager
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.protocol import SamplingParams, TokenLogprob
+from tokenmill.runner.cuda_graphs import DecodeGraphs
 from tokenmill.runner.sampler import Sampler, SamplingRow
 from tokenmill.runner.watermark import WatermarkBias
 
@@ -77,15 +78,26 @@ def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
                  num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 watermark: WatermarkBias | None = None) -> None:
+                 watermark: WatermarkBias | None = None,
+                 cuda_graphs: list[int] | None = None, max_model_len: int = 0) -> None:
         self.model = model
         self.backend = backend
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_cache = allocate_kv_cache(model.kv_cache_shape(num_blocks, block_size),
-                                          kv_dtype, device)
+        self.num_blocks = num_blocks  # what the KV manager hands out
+        buckets = [b for b in (cuda_graphs or []) if b > 0]
+        use_graphs = bool(buckets) and device.type == "cuda" and backend.name == "triton"
+        # With CUDA graphs one more block: the padding rows of a replay write their K/V there.
+        self.kv_cache = allocate_kv_cache(
+            model.kv_cache_shape(num_blocks + use_graphs, block_size), kv_dtype, device)
         model.bind_kv_cache(self.kv_cache)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            width = -(-(max_model_len or num_blocks * block_size) // block_size)
+            self.graphs = DecodeGraphs(model, device, buckets, width, num_blocks * block_size,
+                                       model.cfg.sliding_window)
+            if not self.graphs.capture():
+                self.graphs = None
         self.sampler = Sampler(model.cfg.vocab_size, device, watermark)
         self.lora = LoraManager(model, device)  # costs nothing until an adapter is added
         if device.type == "cpu":
@@ -133,7 +145,12 @@ class ModelRunner:
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         self._start_grammar_masks(batch)  # on a worker thread, overlapping the forward pass
-        hidden = self.model(ids, pos, meta)
+        hidden = None
+        if self.graphs is not None and not (
+                self.lora.host and any(self.states[c.request_id].lora_slot >= 0 for c in chunks)):
+            hidden = self.graphs.run(ids, pos, meta)  # None unless a decode-only step fits
+        if hidden is None:
+            hidden = self.model(ids, pos, meta)
         if batch.plp_rows:
             self._prompt_logprobs(hidden, batch, out)
         if batch.sample_rows:
