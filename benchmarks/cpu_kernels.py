@@ -21,7 +21,13 @@ from functools import partial
 import torch
 
 from tokenmill.kernels.cpu import cpu_kernels, lora_chunks
-from tokenmill.layers.attention import RowKeys, SeqGroup, TorchPagedAttention, _gather
+from tokenmill.layers.attention import (
+    AttentionMetadata,
+    RowKeys,
+    SeqGroup,
+    TorchPagedAttention,
+    _gather,
+)
 from tokenmill.lora.punica import lora_add_, make_plan
 
 LORA_SHAPES = {"qkv": (576, [576, 192, 192], 48), "o": (576, [576], 16),
@@ -69,6 +75,16 @@ def _torch_decode(backend: TorchPagedAttention, q: torch.Tensor, cache: torch.Te
     return backend._decode(q, k, v, g.mask, q.shape[-1] ** -0.5)
 
 
+def _decode_step(backend: TorchPagedAttention, batch: int, ctx: int, bs: int,
+                 block_ids: list[int]) -> AttentionMetadata:
+    """A decode step of `batch` sequences of `ctx` keys, their blocks taken from `block_ids`
+    in order."""
+    per_seq = -(-ctx // bs)
+    tables = [block_ids[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
+    return backend.build_metadata([1] * batch, [ctx] * batch, tables, bs, None,
+                                  torch.device("cpu"))
+
+
 def attention(dtype: torch.dtype, rounds: int) -> None:
     kern = cpu_kernels()
     assert kern is not None
@@ -79,9 +95,7 @@ def attention(dtype: torch.dtype, rounds: int) -> None:
     for batch, ctx in ((1, 200), (32, 100), (64, 192), (32, 1000)):
         per_seq = -(-ctx // bs)
         cache = torch.randn(2, hk, batch * per_seq, bs, d, dtype=dtype)
-        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
-        meta = backend.build_metadata([1] * batch, [ctx] * batch, tables, bs, None,
-                                      torch.device("cpu"))
+        meta = _decode_step(backend, batch, ctx, bs, list(range(batch * per_seq)))
         g, rows = meta.groups[0], meta.rows
         assert rows is not None
         q = torch.randn(batch, hq, d, dtype=dtype)
@@ -108,9 +122,7 @@ def attention_cold(dtype: torch.dtype, rounds: int, layers: int = 30) -> None:
         ids = list(range(batch * per_seq))
         times = []
         for order in (ids, random.Random(0).sample(ids, len(ids))):
-            tables = [order[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
-            rows = backend.build_metadata([1] * batch, [ctx] * batch, tables, bs, None,
-                                          torch.device("cpu")).rows
+            rows = _decode_step(backend, batch, ctx, bs, order).rows
             assert rows is not None
 
             def run(rows: RowKeys = rows, q: torch.Tensor = q,

@@ -30,6 +30,9 @@ import torch
 from tokenmill.llm import LLM
 from tokenmill.protocol import SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_throughput import bench_tokenmill_decode  # a sibling script
+
 # Hugging Face config.json fields of each random-weight shape ("smollm2" is the embedded
 # model with its real weights).
 SHAPES: dict[str, dict[str, Any] | None] = {
@@ -102,16 +105,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def decode_step_ms(llm: LLM, new_tokens: int, vocab: int) -> float:
     """Mean wall time of a batch-1 decode step (the steps after the first token)."""
-    eng = llm.engine
-    eng.add_request(prompts(1, 32, vocab, 0)[0],
-                    SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-    n, t_first = 0, 0.0
-    while eng.has_unfinished:
-        for out in eng.step():
-            n += len(out.new_token_ids)
-            if n == 1:
-                t_first = time.perf_counter()
-    return (time.perf_counter() - t_first) / max(1, n - 1) * 1000
+    return 1000 / bench_tokenmill_decode(llm, prompts(1, 32, vocab, 0)[0], new_tokens)
 
 
 def throughput(llm: LLM, n: int, prompt_len: int, new_tokens: int, vocab: int) -> float:

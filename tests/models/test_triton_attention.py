@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenmill.kernels.triton_support import triton_available
 from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
 from tokenmill.layers.triton_attention import (
     BLOCK_Q_PREFILL,
     TritonPagedAttention,
     build_device_rows,
-    triton_available,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import cpu_kernels
+from tokenmill.kernels.triton_support import interpreted, triton_available
 
 logger = logging.getLogger("tokenmill.attention")
 
@@ -285,13 +286,13 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
                                                    "triton": ta.TritonPagedAttention}
     if name == "auto":
         name = "torch-sdpa"
-        if (device.type == "cuda" and ta.triton_available()
+        if (device.type == "cuda" and triton_available()
                 and os.environ.get("TOKENMILL_TRITON_ATTENTION", "1") != "0"):
             name = "triton"
     if name not in backends:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
-    if name == "triton" and not (ta.triton_available()
-                                 and (device.type == "cuda" or ta.interpreted())):
+    if name == "triton" and not (triton_available()
+                                 and (device.type == "cuda" or interpreted())):
         raise ValueError("the triton attention backend needs triton and a CUDA device")
     backend = backends[name]()
     logger.info("attention backend: %s on %s", backend.name, device)

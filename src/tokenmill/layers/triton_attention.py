@@ -18,11 +18,11 @@ when it imports. The tests run the kernel in triton's CPU interpreter against th
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
+from tokenmill.kernels.triton_support import interpreted
 from tokenmill.layers.attention import AttentionMetadata, DeviceRows, TorchPagedAttention
 
 # triton.language, bound by `_kernel()`: triton resolves `tl` in a kernel's module globals (the
@@ -32,19 +32,6 @@ tl: Any = None
 BLOCK_N = 32  # keys per step of the walk
 BLOCK_Q_PREFILL = 16  # query tokens per program in a step with a prefill
 MIN_ROWS = 16  # tl.dot wants every tile dimension >= 16
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

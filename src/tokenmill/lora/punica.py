@@ -27,7 +27,8 @@ from functools import lru_cache
 import torch
 
 from tokenmill.kernels.cpu import cpu_kernels, lora_chunks
-from tokenmill.lora.triton_lora import lora_add_triton_, triton_available
+from tokenmill.kernels.triton_support import triton_available
+from tokenmill.lora.triton_lora import lora_add_triton_
 
 # Measured on CPU (2 threads, fp32, in=out=576, r=16, S=8, random slots incl. -1): T=64 BGMV
 # ~11.3 ms vs SGMV ~1.3 ms (BGMV copies T*(r*in + out*r) weights); T=4 BGMV ~1.1 ms vs SGMV

@@ -13,7 +13,7 @@ per-token weight gather is needed (decode: one short block per adapter). The gri
 host-known block count, so nothing here waits on the device.
 
 triton is optional (it is not a project dependency): it is imported only when a kernel is first
-needed, and `triton_available()` says whether it can be.
+needed, and `kernels.triton_support.triton_available()` says whether it can be.
 """
 
 from __future__ import annotations
@@ -41,15 +41,6 @@ TARGET_PROGRAMS = 128  # about one wave on an H100 (132 SMs)
 # triton.language, bound by `_kernels()`: triton resolves `tl` in a kernel's module globals (the
 # interpreter patches it there), so it cannot be a local of the function that defines them.
 tl: Any = None
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache
