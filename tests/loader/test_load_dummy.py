@@ -4,6 +4,7 @@ script that uses it, run on the CPU with a tiny shape."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def test_a_folder_without_weights_needs_dummy(config_only: Path) -> None:
     out = llm.generate([5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.0,
                                                  ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and all(0 <= t < 49152 for t in out.token_ids)
+    assert gc.get_freeze_count() > 0  # start-up objects kept out of full collections
     again = LLM(str(config_only), load_format="dummy", dtype="float32",
                 max_batch_total_tokens=1024)  # the same seed: the same weights
     assert again.generate([5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.0,

@@ -4,6 +4,7 @@ size and allocate the KV cache, and hand back a ready ModelRunner (or a whole En
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -244,4 +245,13 @@ def build_core(config: EngineConfig) -> BuiltCore:
                   config.model.max_model_len or cache_tokens)
     core = make_core(config, BatchRecorder(runner), runner.num_blocks, runner.block_size, max_len)
     load_startup_adapters(core, runner, config.model.lora_adapters)
+    freeze_startup_objects()
     return BuiltCore(core, lm, runner, max_len)
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up made (~680k objects with SmolLM2's tokenizer and GGUF metadata) out
+    of the garbage collector's sight: a full collection over them takes ~150 ms, a stall of
+    every stream whenever one runs. Collections then only walk what serving allocates."""
+    gc.collect()
+    gc.freeze()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -65,6 +66,10 @@ async def _start_engine(state: ServerState, engine_cfg: EngineConfig,
 
     engine.on_dead = on_dead
     state.attach(engine)
+    # As the engine process does after loading (runner/loading.freeze_startup_objects): keep
+    # the tokenizer's and the app's start-up objects out of every full collection.
+    gc.collect()
+    gc.freeze()
     logger.info("ready: %s on %s (%s), max_total_tokens=%d",
                 engine.info.model_id, engine.info.device, engine.info.dtype,
                 state.limits.max_total_tokens if state.limits else -1)
