@@ -50,3 +50,22 @@ def test_quantize_flag_reaches_the_engine_config(monkeypatch: pytest.MonkeyPatch
     assert parse().quantize == "int4"
     with pytest.raises(SystemExit):
         parse("--quantize", "fp8")
+
+
+def test_cuda_graphs_and_load_format_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.cli import _engine_kwargs
+    from tokenmill.config import EngineConfig
+
+    cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse()))
+    assert cfg.model.cuda_graphs == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert cfg.model.load_format == "auto"
+    cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--cuda-graphs", "0",
+                                                          "--load-format", "dummy")))
+    assert cfg.model.cuda_graphs == [0] and cfg.model.load_format == "dummy"
+    monkeypatch.setenv("CUDA_GRAPHS", "1,2,4")  # TGI's env var
+    assert parse().cuda_graphs == [1, 2, 4]
+    for bad in ("1,x", "-1", "99999"):
+        with pytest.raises(SystemExit):
+            parse("--cuda-graphs", bad)
+    with pytest.raises(SystemExit):
+        parse("--load-format", "pt")

@@ -30,8 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shapes, nothing read but "
                         "config.json and the tokenizer (for benchmarks)")
-    g.add_argument("--cuda-graphs", default=_env_default("--cuda-graphs", str,
-                                                         "1,2,4,8,16,32,64,128"),
+    g.add_argument("--cuda-graphs", type=_batch_sizes,
+                   default=_env_default("--cuda-graphs", _batch_sizes, [1, 2, 4, 8, 16, 32, 64, 128]),
                    help="decode batch sizes recorded as CUDA graphs, comma-separated; 0: none "
                         "(CUDA with the Triton attention backend)")
     g.add_argument("--max-batch-total-tokens", type=int,
@@ -59,7 +59,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(model_id=a.model_id, revision=a.revision, dtype=a.dtype, device=a.device,
                 quantize=a.quantize, load_format=a.load_format,
-                cuda_graphs=[int(b) for b in a.cuda_graphs.split(",") if b.strip()],
+                cuda_graphs=a.cuda_graphs,
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")
@@ -116,6 +116,17 @@ _SERVE_FLAGS: list[tuple[str, Any, Any, str]] = [
      "comma-separated folders of LoRA adapters that may be loaded at run time: by "
      "POST /v1/load_lora_adapter, or on first use of an adapter id naming a sub-folder"),
 ]
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """`--cuda-graphs`: comma-separated batch sizes >= 0 (TGI's "0": none)."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of batch sizes: {text!r}") from None
+    if any(b < 0 or b > 4096 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be in 0..4096: {text!r}")
+    return sizes
 
 
 def _env_default(flag: str, kind: Any, default: Any) -> Any:
