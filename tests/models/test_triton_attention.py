@@ -244,3 +244,29 @@ def test_cuda_graph_replay_matches_eager() -> None:
         got = graphs.run(ids, pos, meta)
     assert got is not None
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@interpreted
+def test_interpreted_kernel_self_check() -> None:
+    from tokenmill.layers.triton_attention import self_check
+
+    assert self_check(torch.device("cpu")) is None
+
+
+def test_self_check_catches_a_broken_kernel(monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The auto backend takes Triton on CUDA only when its kernel agrees with the torch path:
+    a kernel that fails or computes garbage leaves gather + SDPA, with a warning."""
+    from tokenmill.layers import attention
+    from tokenmill.layers import triton_attention as ta
+
+    def boom(*args: object) -> torch.Tensor:
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(ta, "paged_attention", boom)
+    assert "RuntimeError: no kernel image" in (ta.self_check(torch.device("cpu")) or "")
+    monkeypatch.setattr(ta, "paged_attention", lambda q, *a: torch.zeros_like(q))
+    assert "differs from the torch path" in (ta.self_check(torch.device("cpu")) or "")
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    backend = get_attention_backend("auto", torch.device("cuda"))  # nothing runs on it
+    assert backend.name == "torch-sdpa" and "failed its check" in caplog.text

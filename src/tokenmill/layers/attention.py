@@ -288,7 +288,12 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         name = "torch-sdpa"
         if (device.type == "cuda" and triton_available()
                 and os.environ.get("TOKENMILL_TRITON_ATTENTION", "1") != "0"):
-            name = "triton"
+            problem = ta.self_check(device)
+            if problem is None:
+                name = "triton"
+            else:
+                logger.warning("Triton attention failed its check, using gather + SDPA: %s",
+                               problem[:500])
     if name not in backends:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(backends)}")
     if name == "triton" and not (triton_available()

@@ -166,6 +166,28 @@ class TritonPagedAttention(TorchPagedAttention):
         return paged_attention(q, kv_cache, meta.device_rows, scale)
 
 
+def self_check(device: torch.device) -> str | None:
+    """Run the kernel once on `device` against the torch path (a small mixed step); None when
+    it agrees, else what went wrong. The `auto` backend uses Triton only after this passes, so
+    a triton or driver that cannot build the kernel costs speed, not the engine."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        hq, hk, d, bs = 4, 2, 64, 16
+        qlens, ctxs, tables = [1, 20], [37, 20], [[0, 1, 2], [3, 4]]
+        cache = torch.randn(2, hk, 5, bs, d, generator=gen).to(device)
+        q, k, v = (torch.randn(sum(qlens), h, d, generator=gen).to(device) for h in (hq, hk, hk))
+        tri, ref = TritonPagedAttention(), TorchPagedAttention()
+        got = tri.forward(q, k, v, cache.clone(), tri.build_metadata(
+            qlens, ctxs, tables, bs, None, device), d ** -0.5)
+        ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, None, device)
+        ref_meta.rows = None
+        want = ref.forward(q, k, v, cache, ref_meta, d ** -0.5)
+        err = float((got - want).abs().max())
+    except Exception as e:  # a compile or launch failure
+        return f"{type(e).__name__}: {e}"
+    return None if err < 1e-2 else f"differs from the torch path by {err:.3g}"
+
+
 def build_device_rows(query_lens: list[int], context_lens: list[int],
                       block_tables: list[list[int]], block_size: int, window: int | None,
                       device: torch.device) -> DeviceRows:
