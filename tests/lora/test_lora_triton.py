@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from pytest_child import run_pytest_child
 
 try:  # src layout: make `import tokenmill` work without an install
     import tokenmill  # noqa: F401
@@ -28,19 +29,16 @@ pytest.importorskip("triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX_CHILD = os.environ.get("TOKENMILL_PTX_CHILD") == "1"
-in_ptx_child = pytest.mark.skipif(not PTX_CHILD, reason="runs in test_ptx_compile_in_a_child's child")
+in_ptx_child = pytest.mark.skipif(not PTX_CHILD,
+                                  reason="runs in test_ptx_compile_in_a_child's child")
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreted_kernels' child")
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the child")
 def test_interpreted_kernels() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m",
-           "not gpu", "-k", "not test_interpreted_kernels and not compile"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+    run_pytest_child(__file__, ["-m", "not gpu", "-k",
+                                "not test_interpreted_kernels and not compile"],
+                     {"TRITON_INTERPRET": "1"})
 
 
 def _case(gen: torch.Generator, slots: list[int], n_slots: int, rank: int, d_in: int,
@@ -170,14 +168,8 @@ def test_ptx_compile_in_a_child() -> None:
     """The sm90 compilation tests, in a child process: triton's compiler leaks nanobind
     objects and says so when the interpreter exits, which would end this run's output."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TOKENMILL_PTX_CHILD": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-           "compile_for_sm90"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+    run_pytest_child(__file__, ["-k", "compile_for_sm90"], {"TOKENMILL_PTX_CHILD": "1"},
+                     drop=("TRITON_INTERPRET",))
 
 
 @in_ptx_child

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from pytest_child import run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
 from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
 from tokenmill.layers.triton_attention import (
@@ -26,7 +25,8 @@ from tokenmill.layers.triton_attention import (
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX_CHILD = os.environ.get("TOKENMILL_PTX_CHILD") == "1"
-in_ptx_child = pytest.mark.skipif(not PTX_CHILD, reason="runs in test_ptx_compile_in_a_child's child")
+in_ptx_child = pytest.mark.skipif(not PTX_CHILD,
+                                  reason="runs in test_ptx_compile_in_a_child's child")
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreted_kernel's child")
 
@@ -34,13 +34,8 @@ interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreted
 @needs_triton
 @pytest.mark.skipif(INTERPRET, reason="this is the child")
 def test_interpreted_kernel() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-k", "interpreted_kernel_"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+    run_pytest_child(__file__, ["-k", "interpreted_kernel_"],
+                     {"TRITON_INTERPRET": "1"})
 
 
 def test_device_rows_list_every_query_block() -> None:
@@ -127,14 +122,8 @@ def test_ptx_compile_in_a_child() -> None:
     """The sm90 compilation tests, in a child process: triton's compiler leaks nanobind
     objects and says so when the interpreter exits, which would end this run's output."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TOKENMILL_PTX_CHILD": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-           "compiles_for_sm90"]
-    res = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+    run_pytest_child(__file__, ["-k", "compiles_for_sm90"], {"TOKENMILL_PTX_CHILD": "1"},
+                     drop=("TRITON_INTERPRET",))
 
 
 @needs_triton
@@ -190,7 +179,8 @@ def test_interpreted_kernel_cuda_graph_padding() -> None:
     model = LlamaForCausalLM(arch, backend).eval()
     init_dummy_weights(model, seed=1)
     bs, nb = 4, 12
-    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs), generator=torch.Generator().manual_seed(2))
+    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs),
+                        generator=torch.Generator().manual_seed(2))
     model.bind_kv_cache(cache)
     ctxs, tables = [5, 9, 2], [[3, 7], [0, 1, 11], [5]]
     meta = backend.build_metadata([1, 1, 1], ctxs, tables, bs, None, torch.device("cpu"))
