@@ -287,8 +287,8 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
       const Item<T> it = view(item);
       if (p + 1 < n_items) {
         const Item<T> nx = view(item_of(p + 1));
-        const bool seen = p > 0 && view(item_of(p - 1)).table == nx.table &&
-                          view(item_of(p - 1)).kh == nx.kh;
+        const Item<T> prev = p > 0 ? view(item_of(p - 1)) : Item<T>{};
+        const bool seen = p > 0 && prev.table == nx.table && prev.kh == nx.kh;
         if (!seen) pf.reset(nx, bs, D);
       }
       const T* qrow = q + b * q_tok + h * G * D;
