@@ -21,6 +21,7 @@ from functools import partial
 import torch
 
 from tokenmill.kernels.cpu import cpu_kernels, lora_chunks
+from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import (
     AttentionMetadata,
     RowKeys,
@@ -105,15 +106,27 @@ def attention(dtype: torch.dtype, rounds: int) -> None:
         print(f"  {batch:>5} {ctx:>7} {tn:8.0f} {tt:8.0f} {tt / tn:5.1f}x")
 
 
+def _int8_cache(cache: torch.Tensor) -> torch.Tensor:
+    """The same keys and values in the int8 layout (`--kv-cache-dtype int8`)."""
+    _, hk, nb, bs, d = cache.shape
+    out = torch.zeros(2, hk, nb, kv_int8.block_bytes(bs, d), dtype=torch.int8)
+    flat = cache.view(2, hk, nb * bs, d).transpose(1, 2)  # [2, slots, Hk, D]
+    kv_int8.write(out, flat[0], flat[1], torch.arange(nb * bs))
+    return out
+
+
 def attention_cold(dtype: torch.dtype, rounds: int, layers: int = 30) -> None:
     """Decode attention as a step meets it: each layer's cache read from memory (30 caches,
     past the L3), with a sequence's blocks contiguous or scattered (as a long-running engine
-    leaves them; the kernel prefetches scattered blocks)."""
+    leaves them; the kernel prefetches scattered blocks); the model's dtype, then the int8
+    cache."""
     kern = cpu_kernels()
     assert kern is not None
     hq, hk, d, bs = 9, 3, 64, 16
-    print(f"decode attention, {layers} layers' caches (cold), {dtype}: µs per layer")
-    print(f"  {'batch':>5} {'context':>7} {'contiguous':>10} {'scattered':>10}")
+    print(f"decode attention, {layers} layers' caches (cold), {dtype} and int8 caches: "
+          "µs per layer")
+    print(f"  {'batch':>5} {'context':>7} {'contiguous':>10} {'scattered':>10} "
+          f"{'int8 cont.':>10} {'int8 scat.':>10}")
     backend = TorchPagedAttention()
     for batch, ctx in ((64, 192), (32, 1000)):
         per_seq = -(-ctx // bs)
@@ -121,17 +134,18 @@ def attention_cold(dtype: torch.dtype, rounds: int, layers: int = 30) -> None:
         q = torch.randn(batch, hq, d, dtype=dtype)
         ids = list(range(batch * per_seq))
         times = []
-        for order in (ids, random.Random(0).sample(ids, len(ids))):
-            rows = _decode_step(backend, batch, ctx, bs, order).rows
-            assert rows is not None
+        for kind in (caches, [_int8_cache(c) for c in caches]):
+            for order in (ids, random.Random(0).sample(ids, len(ids))):
+                rows = _decode_step(backend, batch, ctx, bs, order).rows
+                assert rows is not None
 
-            def run(rows: RowKeys = rows, q: torch.Tensor = q,
-                    caches: list[torch.Tensor] = caches) -> None:
-                for c in caches:
-                    kern.paged_decode(q, c, rows.tables, rows.bounds, rows.max_keys,
-                                      d ** -0.5, rows.seq)
-            times.append(best_us(run, rounds, n=2) / layers)
-        print(f"  {batch:>5} {ctx:>7} {times[0]:10.0f} {times[1]:10.0f}")
+                def run(rows: RowKeys = rows, q: torch.Tensor = q,
+                        caches: list[torch.Tensor] = kind) -> None:
+                    for c in caches:
+                        kern.paged_decode(q, c, rows.tables, rows.bounds, rows.max_keys,
+                                          d ** -0.5, rows.seq)
+                times.append(best_us(run, rounds, n=2) / layers)
+        print(f"  {batch:>5} {ctx:>7} " + " ".join(f"{t:10.0f}" for t in times))
 
 
 def main() -> None:

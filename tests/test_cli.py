@@ -69,3 +69,19 @@ def test_cuda_graphs_and_load_format_flags(monkeypatch: pytest.MonkeyPatch) -> N
             parse("--cuda-graphs", bad)
     with pytest.raises(SystemExit):
         parse("--load-format", "pt")
+
+
+def test_kv_cache_dtype_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.cli import _engine_kwargs
+    from tokenmill.config import EngineConfig
+
+    assert EngineConfig.from_kwargs(**_engine_kwargs(parse())).cache.kv_cache_dtype == "auto"
+    cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", "int8")))
+    assert cfg.cache.kv_cache_dtype == "int8"
+    monkeypatch.setenv("KV_CACHE_DTYPE", "int8")  # TGI's env var
+    assert parse().kv_cache_dtype == "int8"
+    # TGI's fp8 values get a pointer to what is supported; anything else is unknown.
+    with pytest.raises(ValueError, match="not supported; int8"):
+        EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", "fp8_e5m2")))
+    with pytest.raises(ValueError, match="unknown KV cache dtype"):
+        EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", "int4")))

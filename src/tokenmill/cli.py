@@ -41,6 +41,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    default=_env_default("--max-batch-prefill-tokens", int, 2048),
                    help="token budget of one forward pass")
     g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-dtype", default=_env_default("--kv-cache-dtype", str, "auto"),
+                   help="auto: the model's dtype; int8 (CPU): K and V rounded to int8 per "
+                        "group of 32 as llama.cpp's q8_0 cache, half the memory and faster "
+                        "attention, slightly less exact")
     g.add_argument("--lora-adapters", default=_env_default("--lora-adapters", str, None),
                    help="comma-separated LoRA adapters loaded at start: name=path_or_hub_id, "
                         "a path, or a Hub id[@revision]")
@@ -62,6 +66,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 cuda_graphs=a.cuda_graphs,
                 max_batch_total_tokens=a.max_batch_total_tokens,
                 max_batch_prefill_tokens=a.max_batch_prefill_tokens, block_size=a.block_size,
+                kv_cache_dtype=a.kv_cache_dtype,
                 lora_adapters=[s.strip() for s in (a.lora_adapters or "").split(",")
                                if s.strip()],
                 max_active_adapters=a.max_active_adapters,

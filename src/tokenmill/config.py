@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+KV_CACHE_DTYPES = ("auto", "int8")  # --kv-cache-dtype values
+
 
 @dataclass(slots=True)
 class CacheConfig:
@@ -19,10 +21,19 @@ class CacheConfig:
     # Fraction of free host RAM (CPU) or free device memory (CUDA) for the KV cache.
     memory_fraction: float = 0.3
     enable_prefix_caching: bool = True
+    # "auto": the model's dtype; "int8": rows quantized per group of 32 as llama.cpp's q8_0
+    # (layers/kv_int8.py; CPU). TGI's fp8 formats are refused with a pointer to int8.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
+        if self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; "
+                             "int8 (CPU) halves the cache as fp8 would")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown KV cache dtype {self.kv_cache_dtype!r}; "
+                             f"available: {', '.join(KV_CACHE_DTYPES)}")
         if not 0 < self.memory_fraction <= 0.95:
             raise ValueError("memory_fraction must be in (0, 0.95]")
         if self.max_batch_total_tokens is not None and self.max_batch_total_tokens < self.block_size:

@@ -35,7 +35,8 @@ TEXTS = ["The capital of France is Paris, and the capital of Germany is Berlin. 
          "Photosynthesis is the process by which green plants use sunlight to"]
 
 
-def _teacher_forced_logits(quantize: str | None) -> torch.Tensor:
+def _teacher_forced_logits(quantize: str | None, kv: torch.dtype = torch.bfloat16
+                           ) -> torch.Tensor:
     from tokenmill.config import ModelConfig
     from tokenmill.frontend.llm_engine import load_tokenizer
     from tokenmill.layers.attention import TorchPagedAttention
@@ -43,7 +44,7 @@ def _teacher_forced_logits(quantize: str | None) -> torch.Tensor:
 
     lm = load_model(ModelConfig(dtype="bfloat16", quantize=quantize))
     model, tok = lm.model, load_tokenizer(lm.source)
-    model.bind_kv_cache(torch.zeros(model.kv_cache_shape(64, 16), dtype=torch.bfloat16))
+    model.bind_kv_cache(torch.zeros(model.kv_cache_shape(64, 16, kv), dtype=kv))
     out = []
     with torch.inference_mode():
         for text in TEXTS:
@@ -84,3 +85,32 @@ def test_w4a8_generates_through_the_fused_stack(monkeypatch: pytest.MonkeyPatch)
     calls.clear()
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == fused
     assert not calls
+
+
+def test_int8_kv_cache_stays_close_to_the_unquantized_model() -> None:
+    """`--kv-cache-dtype int8`, teacher-forced over the same texts: the int8 keys and values
+    (and the int8-rounded queries of the native kernel) keep nearly every top token
+    (measured: 65 of 68, KL 0.0026 alone; 68 of 68, KL 0.0074 with w4a8)."""
+    ref = _teacher_forced_logits(None)
+    for quantize, kl_max in ((None, 0.006), ("w4a8", 0.015)):
+        fast = _teacher_forced_logits(quantize, torch.int8)
+        assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+        kl = torch.nn.functional.kl_div(fast.log_softmax(-1), ref.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        assert 0 < kl < kl_max
+
+
+def test_int8_kv_cache_engine_is_batch_invariant() -> None:
+    """An engine over the int8 cache (w4a8, the fused stack): each prompt's greedy tokens are
+    the same alone as batched with the others, since every row's attention reads only its own
+    keys with the same operations."""
+    from tokenmill.llm import LLM
+
+    llm = LLM(dtype="bfloat16", device="cpu", quantize="w4a8", kv_cache_dtype="int8",
+              max_batch_total_tokens=4096)
+    assert llm.engine.core.runner.kv_cache.dtype == torch.int8  # type: ignore[attr-defined]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [*PROMPTS, TEXTS[2]]
+    batched = [o.token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    assert batched == alone and all(len(t) == 16 for t in batched)

@@ -1,7 +1,8 @@
 """The fused stack (models/fused_stack.py, `--quantize w4a8` on CPU): prefill, chunked prefill
 mixed with decodes, and decode steps through the one native call give the layer-by-layer
 path's logits and KV cache bit for bit, with attention bias (Qwen2) and a sliding window
-(Mistral); the steps it must not take go the layer-by-layer way."""
+(Mistral), over the model's dtype or the int8 KV cache; the steps it must not take go the
+layer-by-layer way."""
 
 from __future__ import annotations
 
@@ -25,21 +26,28 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 BLOCK, BLOCKS = 4, 60
 
 
-def _model(arch: str, dtype: str, path: Path, quantize: str = "w4a8") -> LlamaForCausalLM:
+def _model(arch: str, dtype: str, path: Path, quantize: str = "w4a8",
+           kv: str = "auto") -> LlamaForCausalLM:
+    """A tiny w4a8 model with its cache bound: the model's dtype, or int8 (`kv`), whose
+    layout needs a head dim of 32 and blocks of 16."""
     pytest.importorskip("transformers")
     from models.test_model_parity import make_tiny
 
-    make_tiny(arch, path)
+    make_tiny(arch, path, **({"head_dim": 32} if kv == "int8" else {}))
     model = load_model(ModelConfig(model_id=str(path), dtype=dtype, quantize=quantize)).model
-    model.kv_cache = torch.zeros(model.kv_cache_shape(BLOCKS, BLOCK),  # type: ignore[attr-defined]
-                                 dtype=model.embed_tokens.weight.dtype)
+    kv_dtype = torch.int8 if kv == "int8" else model.embed_tokens.weight.dtype
+    model.block_size = 16 if kv == "int8" else BLOCK  # type: ignore[attr-defined]
+    model.kv_cache = torch.zeros(  # type: ignore[attr-defined]
+        model.kv_cache_shape(BLOCKS, model.block_size, kv_dtype),  # type: ignore[attr-defined]
+        dtype=kv_dtype)
     model.bind_kv_cache(model.kv_cache)  # type: ignore[attr-defined]
     return model
 
 
 def _meta(model: LlamaForCausalLM, qlens: list[int], ctxs: list[int],
           tables: list[list[int]]) -> AttentionMetadata:
-    return TorchPagedAttention().build_metadata(qlens, ctxs, tables, BLOCK,
+    return TorchPagedAttention().build_metadata(qlens, ctxs, tables,
+                                                model.block_size,  # type: ignore[attr-defined]
                                                 model.cfg.sliding_window, torch.device("cpu"))
 
 
@@ -49,10 +57,12 @@ def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: Atte
         return model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), meta))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,kv", [("float32", "auto"), ("bfloat16", "auto"),
+                                      ("bfloat16", "int8")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, tmp_path: Path) -> None:
-    model = _model(arch, dtype, tmp_path)
+def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, kv: str, tmp_path: Path
+                                          ) -> None:
+    model = _model(arch, dtype, tmp_path, kv=kv)
     stack = model.fused_stack
     assert stack is not None
     cache = model.kv_cache  # type: ignore[attr-defined]  # every layer's

@@ -33,9 +33,11 @@ ARCHS = {
 }
 
 
-def make_tiny(arch: str, path: Path) -> torch.nn.Module:
+def make_tiny(arch: str, path: Path, **overrides: object) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = ARCHS[arch]()
+    for name, value in overrides.items():  # e.g. head_dim=32 (the int8 KV cache's minimum)
+        setattr(cfg, name, value)
     cfg._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Default init leaves some norms at 1 and biases at 0; perturb everything so every

@@ -26,15 +26,18 @@ from typing import Any
 
 import torch
 
+from tokenmill.layers import kv_int8
+
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "sampling.cpp",
                              "w4a8.cpp", "decode_stack.cpp"))  # one library
-HEADERS = (Path(__file__).with_name("csrc") / "tm_kernels.h",)  # in the cache key too
+HEADERS = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("tm_kernels.h", "kv8.h"))  # in the cache key too
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 14
+ABI_VERSION = 15
 BUILD_TIMEOUT_S = 180
 
 _C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
@@ -89,6 +92,8 @@ class CpuKernels:
         self._norm = per_dtype("add_rmsnorm")
         self._silu = per_dtype("silu_mul")
         self._rope = per_dtype("rope_kv")
+        self._rope8 = per_dtype("rope_kv8")  # into the int8 cache (kv8.h)
+        self._decode8 = per_dtype("paged_decode_kv8")
         self._w4a8 = per_dtype("w4a8_matmul")
         self._w8a8 = per_dtype("w8a8_matmul")
         self._argmax = per_dtype("argmax")
@@ -141,11 +146,13 @@ class CpuKernels:
     def supports_rope_kv(self, qkv: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor,
                          num_heads: int) -> bool:
         """qkv [T, (Hq + 2 Hk) * D] with contiguous rows; kv_cache [2, Hk, n_blocks, bs, D]
-        contiguous; cos [positions, D]; all of one CPU dtype the kernel knows."""
-        _, hk, _, _, d = kv_cache.shape
+        contiguous, of qkv's dtype, or int8 [2, Hk, n_blocks, bytes] (layers/kv_int8.py);
+        cos [positions, D]; all of one CPU dtype the kernel knows."""
+        hk = kv_cache.shape[1]
+        d = qkv.shape[1] // (num_heads + 2 * hk)
         return (qkv.dtype in self._rope and qkv.device.type == "cpu" and qkv.dim() == 2
                 and qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * hk) * d
-                and kv_cache.dtype == qkv.dtype and kv_cache.is_contiguous()
+                and cache_matches(kv_cache, qkv.dtype, d) and kv_cache.is_contiguous()
                 and cos.dtype == qkv.dtype and cos.is_contiguous() and cos.shape[1] == d
                 and d % 2 == 0 and d <= 1024)
 
@@ -154,17 +161,17 @@ class CpuKernels:
                 num_heads: int) -> None:
         """Rotate q and k of `qkv` in place and write k and v into the cache at `slots`.
         A position outside the tables raises IndexError before anything is written."""
-        _, hk, n_blocks, bs, d = kv_cache.shape
+        hk, d = kv_cache.shape[1], cos.shape[1]
+        head, bs = cache_head(kv_cache, d)
         positions, slots = positions.to(torch.int64).contiguous(), slots.to(torch.int64)
         assert sin.shape == cos.shape and sin.is_contiguous() and slots.is_contiguous()
         assert positions.shape == slots.shape == (qkv.shape[0],)
-        head = n_blocks * bs * d
+        fn = (self._rope8 if kv_cache.dtype == torch.int8 else self._rope)[qkv.dtype]
         k_ptr = kv_cache.data_ptr()
-        bad = self._rope[qkv.dtype](qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, hk,
-                                    d, positions.data_ptr(), cos.shape[0], cos.data_ptr(),
-                                    sin.data_ptr(), k_ptr,
-                                    k_ptr + hk * head * kv_cache.element_size(), head,
-                                    slots.data_ptr(), torch.get_num_threads())
+        bad = fn(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, hk, d,
+                 positions.data_ptr(), cos.shape[0], cos.data_ptr(), sin.data_ptr(), k_ptr,
+                 k_ptr + hk * head * kv_cache.element_size(), head, bs, slots.data_ptr(),
+                 torch.get_num_threads())
         if bad >= 0:
             raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
                              f"({cos.shape[0]} positions)")
@@ -242,12 +249,11 @@ class CpuKernels:
 
     def supports_decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """q [B, Hq, D] with contiguous heads; kv_cache [2, Hk, n_blocks, bs, D] contiguous, of
-        q's dtype."""
-        _, hk, _, _, d = kv_cache.shape
-        hq = q.shape[1]
-        return (q.dtype in self._decode and kv_cache.dtype == q.dtype and q.device.type == "cpu"
-                and kv_cache.is_contiguous() and q.stride(2) == 1 and q.stride(1) == d
-                and q.shape[2] == d and hq % hk == 0 and hq // hk * d <= MAX_DECODE_GROUP_DIM)
+        q's dtype, or int8 [2, Hk, n_blocks, bytes] (layers/kv_int8.py)."""
+        hk, (_, hq, d) = kv_cache.shape[1], q.shape
+        return (q.dtype in self._decode and cache_matches(kv_cache, q.dtype, d)
+                and q.device.type == "cpu" and kv_cache.is_contiguous() and q.stride(2) == 1
+                and q.stride(1) == d and hq % hk == 0 and hq // hk * d <= MAX_DECODE_GROUP_DIM)
 
     def paged_decode(self, q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
                      bounds: torch.Tensor, max_keys: int, scale: float,
@@ -259,21 +265,37 @@ class CpuKernels:
         sequence (None: row b is sequence b); bounds [B, 2] int64 the key positions
         [start, end) of each row, max_keys >= every end - start. Returns out [B, Hq, D]."""
         b, hq, d = q.shape
-        _, hk, n_blocks, bs, _ = kv_cache.shape
+        hk = kv_cache.shape[1]
+        head, bs = cache_head(kv_cache, d)
         assert tables.dtype == bounds.dtype == torch.int64 and tables.is_contiguous()
         assert row_seq is None or (row_seq.dtype == torch.int64 and row_seq.is_contiguous())
         threads = torch.get_num_threads()
         out = torch.empty(b, hq, d, dtype=q.dtype)
         scratch = torch.empty(threads * (hq // hk) * max(max_keys, 1), dtype=torch.float32)
-        head = n_blocks * bs * d
+        fn = (self._decode8 if kv_cache.dtype == torch.int8 else self._decode)[q.dtype]
         k_ptr = kv_cache.data_ptr()
-        self._decode[q.dtype](q.data_ptr(), q.stride(0), out.data_ptr(), k_ptr,
-                              k_ptr + hk * head * kv_cache.element_size(), head, bs, d,
-                              tables.data_ptr(), tables.stride(0),
-                              None if row_seq is None else row_seq.data_ptr(),
-                              bounds.data_ptr(), b, hq, hk, scale, scratch.data_ptr(),
-                              max(max_keys, 1), threads)
+        fn(q.data_ptr(), q.stride(0), out.data_ptr(), k_ptr,
+           k_ptr + hk * head * kv_cache.element_size(), head, bs, d, tables.data_ptr(),
+           tables.stride(0), None if row_seq is None else row_seq.data_ptr(), bounds.data_ptr(),
+           b, hq, hk, scale, scratch.data_ptr(), max(max_keys, 1), threads)
         return out
+
+
+def cache_matches(kv_cache: torch.Tensor, dtype: torch.dtype, d: int) -> bool:
+    """A layer's cache the kernels read with head dim d: [2, Hk, n_blocks, bs, D] of `dtype`,
+    or the int8 layout [2, Hk, n_blocks, bytes] (D a multiple of 32, 16-key sub-blocks)."""
+    if kv_cache.dtype == torch.int8:
+        return (kv_cache.dim() == 4 and d % kv_int8.GROUP == 0
+                and kv_cache.shape[3] % (18 * d) == 0)
+    return kv_cache.dtype == dtype and kv_cache.dim() == 5 and kv_cache.shape[4] == d
+
+
+def cache_head(kv_cache: torch.Tensor, d: int) -> tuple[int, int]:
+    """(elements per KV head of one half, block size) of a layer's cache."""
+    if kv_cache.dtype == torch.int8:
+        return kv_cache.shape[2] * kv_cache.shape[3], kv_int8.block_size_of(kv_cache, d)
+    _, _, n_blocks, bs, _ = kv_cache.shape
+    return n_blocks * bs * d, bs
 
 
 def lora_chunks(shard_rows: list[int], rank: int, width: int = 64) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The KV cache of one layer is a tensor [2, num_kv_heads, num_blocks, block_size, head_dim]:
 heads outermost, so gathering a batch's blocks yields [heads, batch, context, head_dim], the
-layout batched matmuls take without another copy.
+layout batched matmuls take without another copy. The int8 cache (`--kv-cache-dtype int8`)
+is [2, num_kv_heads, num_blocks, block_bytes] in layers/kv_int8.py's layout, dequantized as
+it is gathered.
 Each step the runner builds one `AttentionMetadata` for the whole flat batch of tokens; every
 layer writes its new K/V through `slot_mapping` and reads each sequence's context through its
 block table, so prefill, chunked prefill over an existing cache, and decode share one path.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import cpu_kernels
 from tokenmill.kernels.triton_support import interpreted, triton_available
+from tokenmill.layers import kv_int8
 
 logger = logging.getLogger("tokenmill.attention")
 
@@ -171,7 +174,7 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 kv_written: bool = False) -> torch.Tensor:
-        hk, d = kv_cache.shape[1], kv_cache.shape[4]
+        hk, d = kv_cache.shape[1], q.shape[2]
         same = kv_cache.dtype == q.dtype  # (a no-op .to() still costs a dispatch per layer)
         if not kv_written:
             self.write_kv(k, v, kv_cache, meta)
@@ -182,7 +185,7 @@ class TorchPagedAttention(AttentionBackend):
                                      per_row.max_keys, scale, per_row.seq)
         if len(meta.groups) == 1 and meta.groups[0].whole_batch:  # decode only: no scatter
             g = meta.groups[0]
-            kg, vg = _gather(kv_cache[0], g.block_tables), _gather(kv_cache[1], g.block_tables)
+            kg, vg = _gather_kv(kv_cache, g.block_tables, d, q.dtype)
             if g.key_range is not None and q.device.type == "cpu":
                 return self._decode_one(q, kg, vg, g.key_range, scale)
             if not same:
@@ -192,8 +195,8 @@ class TorchPagedAttention(AttentionBackend):
         for g in meta.groups:
             b, nq = g.token_index.shape
             rows = g.token_index.reshape(-1)
-            kg = _gather(kv_cache[0], g.block_tables).to(q.dtype)  # [Hk, B, K, D]
-            vg = _gather(kv_cache[1], g.block_tables).to(q.dtype)
+            kg, vg = _gather_kv(kv_cache, g.block_tables, d, q.dtype)  # [Hk, B, K, D]
+            kg, vg = kg.to(q.dtype), vg.to(q.dtype)
             if nq == 1:
                 out[rows] = self._decode(q[rows], kg, vg, g.mask, scale)
                 continue
@@ -208,6 +211,9 @@ class TorchPagedAttention(AttentionBackend):
     def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:
         """k/v [T, Hk, D] into their cache slots (`meta.slot_mapping`)."""
+        if kv_cache.dtype == torch.int8:
+            kv_int8.write(kv_cache, k, v, meta.slot_mapping)
+            return
         _, hk, num_blocks, block_size, d = kv_cache.shape
         for i, new in ((0, k), (1, v)):
             new = new.transpose(0, 1)
@@ -264,6 +270,15 @@ def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> 
     width = max(counts)
     return torch.tensor([t[:n] + [0] * (width - n) for t, n in zip(tables, counts)],
                         dtype=torch.long)
+
+
+def _gather_kv(kv_cache: torch.Tensor, tables: torch.Tensor, d: int, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the blocks in `tables`, [Hk, B, max_blocks * bs, D] each: the cache's own
+    dtype, or the int8 cache's rows dequantized to `dtype`."""
+    if kv_cache.dtype == torch.int8:
+        return kv_int8.gather(kv_cache, tables, d, dtype)
+    return _gather(kv_cache[0], tables), _gather(kv_cache[1], tables)
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

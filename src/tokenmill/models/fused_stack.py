@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from tokenmill.kernels.cpu import MAX_DECODE_GROUP_DIM, cpu_kernels
+from tokenmill.kernels.cpu import MAX_DECODE_GROUP_DIM, cache_head, cache_matches, cpu_kernels
 from tokenmill.layers.attention import AttentionMetadata
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.quant import W4A8Weight
@@ -37,7 +37,7 @@ class _Layer(ctypes.Structure):  # mirrors `Layer` in decode_stack.cpp
 class _Stack(ctypes.Structure):
     _fields_ = [("n_layers", _I), ("H", _I), ("I", _I), ("Hq", _I), ("Hk", _I), ("D", _I),
                 ("bs", _I), ("kv_head", _I), ("eps", _F), ("scale", _F), ("cos", _P),
-                ("sin", _P), ("n_positions", _I)]
+                ("sin", _P), ("n_positions", _I), ("kv_int8", _I)]
 
 
 class _Step(ctypes.Structure):
@@ -69,13 +69,14 @@ class FusedStack:
         layers = _decoder_layers(model)
         self.cos, self.sin = layers[0].self_attn.rotary.tables(self.dtype)
         kv = layers[0].self_attn.kv_cache
-        _, hk, n_blocks, bs, d = kv.shape
+        hk, d = kv.shape[1], cfg.head_dim
+        kv_head, bs = cache_head(kv, d)
         self.hq, self.hk, self.d = cfg.num_heads, hk, d
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.stack = _Stack(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
-                            cfg.num_heads, hk, d, bs, n_blocks * bs * d, cfg.rms_norm_eps,
+                            cfg.num_heads, hk, d, bs, kv_head, cfg.rms_norm_eps,
                             d ** -0.5, self.cos.data_ptr(), self.sin.data_ptr(),
-                            self.cos.shape[0])
+                            self.cos.shape[0], int(kv.dtype == torch.int8))
         self.layers = (_Layer * cfg.num_layers)()
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -94,7 +95,7 @@ class FusedStack:
     def build(model: LlamaForCausalLM) -> FusedStack | None:
         """The stack for `model` with its KV cache bound, or None when it does not qualify:
         CPU, bfloat16 or float32, every decoder linear w4a8 (bias only on qkv), no q/k norm,
-        the native kernels loaded, a contiguous cache of the model's dtype."""
+        the native kernels loaded, a contiguous cache of the model's dtype or int8."""
         cfg = model.cfg
         dtype = model.embed_tokens.weight.dtype
         if (cpu_kernels() is None or dtype not in (torch.bfloat16, torch.float32)
@@ -108,7 +109,7 @@ class FusedStack:
             kv = attn.kv_cache
             if (not all(isinstance(lin.quant, W4A8Weight) for lin in linears)
                     or any(lin.bias is not None for lin in linears[1:])
-                    or kv.dim() != 5 or kv.dtype != dtype or not kv.is_contiguous()
+                    or not cache_matches(kv, dtype, cfg.head_dim) or not kv.is_contiguous()
                     or any(n.weight.dtype != dtype for n in (layer.input_layernorm,
                                                              layer.post_attention_layernorm))):
                 return None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels.cpu import CpuKernels, cpu_kernels
+from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
@@ -202,8 +203,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int,
+                       dtype: torch.dtype | None = None) -> tuple[int, ...]:
         c = self.cfg
+        if dtype == torch.int8:  # rows quantized into layers/kv_int8.py's layout
+            return (c.num_layers, 2, c.num_kv_heads, num_blocks,
+                    kv_int8.block_bytes(block_size, c.head_dim))
         return (c.num_layers, 2, c.num_kv_heads, num_blocks, block_size, c.head_dim)
 
     def bind_kv_cache(self, cache: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
+from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import get_attention_backend
 from tokenmill.layers.quant import quantize_model
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
@@ -143,16 +144,28 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             p.normal_(0.0, 0.02, generator=gen)
 
 
-def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> float:
     c = model.cfg
-    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * dtype.itemsize
+    row = c.head_dim * (18 / 16 if dtype == torch.int8 else dtype.itemsize)  # int8: + scales
+    return c.num_layers * 2 * c.num_kv_heads * row
+
+
+def kv_cache_dtype(lm: LoadedModel, cache: CacheConfig) -> torch.dtype:
+    """The cache's element type: the model's, or int8 where `--kv-cache-dtype int8` can
+    serve this model (a clear start-up error where it cannot)."""
+    if cache.kv_cache_dtype == "auto":
+        return lm.dtype
+    problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size, lm.device)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    return torch.int8
 
 
 def num_kv_blocks(lm: LoadedModel, cache: CacheConfig) -> int:
     bs = cache.block_size
     if cache.max_batch_total_tokens is not None:
         return -(-cache.max_batch_total_tokens // bs)
-    per_block = kv_bytes_per_token(lm.model, lm.dtype) * bs
+    per_block = int(kv_bytes_per_token(lm.model, kv_cache_dtype(lm, cache)) * bs)
     blocks = int(_free_memory_bytes(lm.device) * cache.memory_fraction) // per_block
     if blocks < 1:
         raise RuntimeError("not enough free memory for a single KV block")
@@ -178,15 +191,16 @@ def build_runner(lm: LoadedModel, cache: CacheConfig,
                  watermark: WatermarkConfig | None = None,
                  cuda_graphs: list[int] | None = None) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
+    kv_dtype = kv_cache_dtype(lm, cache)
     wm = watermark or WatermarkConfig()
     runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks, cache.block_size,
-                         lm.dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta),
+                         kv_dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta),
                          cuda_graphs=cuda_graphs,
                          max_model_len=min(lm.model.cfg.max_position_embeddings,
                                            blocks * cache.block_size))
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", blocks,
-                cache.block_size, blocks * cache.block_size,
-                blocks * cache.block_size * kv_bytes_per_token(lm.model, lm.dtype) / 2**30)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB)", blocks,
+                cache.block_size, blocks * cache.block_size, str(kv_dtype).removeprefix("torch."),
+                blocks * cache.block_size * kv_bytes_per_token(lm.model, kv_dtype) / 2**30)
     return runner
 
 

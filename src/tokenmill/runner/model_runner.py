@@ -87,7 +87,8 @@ class ModelRunner:
         use_graphs = bool(buckets) and device.type == "cuda" and backend.name == "triton"
         # With CUDA graphs one more block: the padding rows of a replay write their K/V there.
         self.kv_cache = allocate_kv_cache(
-            model.kv_cache_shape(num_blocks + use_graphs, block_size), kv_dtype, device)
+            model.kv_cache_shape(num_blocks + use_graphs, block_size, kv_dtype), kv_dtype,
+            device)
         model.bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:

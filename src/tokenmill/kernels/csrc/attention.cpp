@@ -2,8 +2,9 @@
 // paged KV cache, no gather. Part of the library kernels/cpu.py builds from csrc/.
 #include <omp.h>
 
+#include "kv8.h"
 #include "tm_kernels.h"
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -11,9 +12,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
+namespace kv8 = tmk::kv8;
 using tmk::exp_neg;
 using tmk::load;
 using tmk::round_to;
@@ -119,11 +122,11 @@ inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, 
 // they read. Scores live in float32 scratch [threads, G * max_keys]; the
 // softmax and both products run in float32.
 // The paged-cache view of one work item: a row's keys [start, end) under KV head h.
-template <typename T>
+template <typename E>
 struct Item {
   const int64_t* table;  // the row's sequence's block ids
-  const T* kh;           // K and V caches of head h, [n_blocks, bs, D]
-  const T* vh;
+  const E* kh;           // K and V caches of head h, n_blocks blocks
+  const E* vh;
   int64_t start, end;
 };
 
@@ -133,15 +136,15 @@ struct Item {
 // with shuffled tables, 64 decode rows x 192 keys took ~650 us a layer against ~400 with
 // contiguous ones, and ~470 with this (benchmarks/cpu_kernels.py). A block that continues the
 // previous one is left to the hardware, which the extra instructions would only slow.
-template <typename T>
+template <typename E>
 struct Prefetch {
-  Item<T> it{};
+  Item<E> it{};
   int64_t block = 0, first = 0, last = -1, block_bytes = 0;
-  void reset(const Item<T>& next, int64_t bs, int64_t D) {
+  void reset(const Item<E>& next, int64_t bs, int64_t block_elems) {
     it = next;
     block = first = next.start / bs;
     last = next.end > next.start ? (next.end - 1) / bs : -1;
-    block_bytes = bs * D * int64_t(sizeof(T));
+    block_bytes = block_elems * int64_t(sizeof(E));
   }
   void step() {
     if (block > last) return;
@@ -249,6 +252,173 @@ inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, co
   }
 }
 
+// ---- The int8 cache (kv8.h) ----
+// The query heads of a row quantized as the keys are (groups of 32), with each group's integer
+// sum start -128 * sum(q) (the keys are stored + 128, unsigned for vpdpbusd).
+struct Q8 {
+  int8_t q[16 * 256];
+  float d[16 * 256 / kv8::GRP];
+  int32_t corr[16 * 256 / kv8::GRP];
+};
+
+template <typename T>
+inline void quantize_query(const T* q, int64_t D, int64_t G, Q8& out) {
+  const int64_t NG = D / kv8::GRP;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < NG; ++c) {
+      float x[kv8::GRP];
+      for (int64_t i = 0; i < kv8::GRP; ++i) x[i] = load(q + g * D, c * kv8::GRP + i);
+      const int64_t k = g * NG + c;
+      out.corr[k] = -128 * tmk::quantize_group(x, out.q + g * D + c * kv8::GRP, &out.d[k]);
+    }
+}
+
+inline int32_t quad(const int8_t* p) {  // 4 query bytes as the dword vpdpbusd broadcasts
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Scores of one quantized query head (q8, its group scales qd and starts corr) against keys
+// j_lo..j_hi-1 of sub-block sb, written to out[j_lo..j_hi-1]: per group of 32 dims an exact
+// integer dot product, then acc += float(dot) * (d_key * d_query). With VNNI a group is 8
+// vpdpbusd giving all 16 keys at once. The scalar loop performs the same float operations.
+template <int64_t DC>
+inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, const int8_t* sb,
+                        int64_t D, int64_t j_lo, int64_t j_hi, float* out) {
+  const float* ks = reinterpret_cast<const float*>(sb + kv8::SUB * D);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if constexpr (DC > 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < DC / kv8::GRP; ++c) {
+      const int8_t* qc = q8 + kv8::GRP * c;
+      const int8_t* kc = sb + 512 * c;  // 8 vectors of 64 bytes per group
+      __m512i t0 = _mm512_set1_epi32(corr[c]), t1 = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        t0 = _mm512_dpbusd_epi32(t0, _mm512_loadu_si512(kc + 64 * j),
+                                 _mm512_set1_epi32(quad(qc + 4 * j)));
+        t1 = _mm512_dpbusd_epi32(t1, _mm512_loadu_si512(kc + 64 * (j + 4)),
+                                 _mm512_set1_epi32(quad(qc + 16 + 4 * j)));
+      }
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)),
+                            _mm512_mul_ps(_mm512_loadu_ps(ks + kv8::SUB * c),
+                                          _mm512_set1_ps(qd[c])),
+                            acc);
+    }
+    const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
+    _mm512_mask_storeu_ps(out, keep, acc);
+    return;
+  }
+#endif
+  for (int64_t u = j_lo; u < j_hi; ++u) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+      int32_t t = corr[c];
+      for (int64_t i = 0; i < kv8::GRP; ++i) {
+        const int64_t dim = kv8::GRP * c + i;
+        t += int32_t(uint8_t(sb[dim / 4 * 64 + u * 4 + dim % 4])) * q8[dim];
+      }
+      acc = std::fma(float(t), ks[kv8::SUB * c + u] * qd[c], acc);
+    }
+    out[u] = acc;
+  }
+}
+
+// scores() for the int8 cache.
+template <typename T, int64_t DC>
+inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
+                        float scale, float* sc, int64_t stride, Q8& q8, Prefetch<int8_t>& pf) {
+  const int64_t start = it.start, end = it.end, NG = D / kv8::GRP;
+  quantize_query(q, D, G, q8);
+  for (int64_t p0 = start - start % kv8::SUB; p0 < end; p0 += kv8::SUB) {
+    if (p0 % bs == 0 || p0 <= start) pf.step();  // a block at a time
+    const int8_t* sb = it.kh + kv8::sub_offset(it.table, p0, bs, D);
+    const int64_t lo = std::max(p0, start) - p0, hi = std::min(p0 + kv8::SUB, end) - p0;
+    for (int64_t g = 0; g < G; ++g)
+      qk_sub_int8<DC>(q8.q + g * D, q8.d + g * NG, q8.corr + g * NG, sb, D, lo, hi,
+                      sc + g * stride + (p0 - start));
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = sc + g * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < end - start; ++i) sg[i] *= scale;
+  }
+}
+
+// weighted_sum() for the int8 cache: per sub-block the weights are multiplied by the 16 keys'
+// V scales (ws = w * d, one per key and group), then each V row is widened to float once and
+// acc += ws * v, in key order, for the GC heads. The generic loop (any D, no AVX-512) performs
+// the same float operations.
+template <int64_t DC, int GC>
+inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t stride,
+                    float* acc) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  constexpr int NV = DC / 16, NG = DC / kv8::GRP;
+  __m512 a[GC][NV];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
+    const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC);
+    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
+    const __mmask16 keep = __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    alignas(64) float ws[GC][NG][kv8::SUB];
+    for (int g = 0; g < GC; ++g) {
+      const __m512 wr = _mm512_maskz_loadu_ps(keep, w + g * stride + (p0 - it.start));
+      for (int c = 0; c < NG; ++c)
+        _mm512_store_ps(ws[g][c], _mm512_mul_ps(wr, _mm512_loadu_ps(vs + kv8::SUB * c)));
+    }
+    for (int64_t u = lo; u < hi; ++u) {
+      const int8_t* vrow = sb + u * DC;
+      __m512 v[NV];
+      for (int c = 0; c < NV; ++c)
+        v[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vrow + 16 * c))));
+      for (int g = 0; g < GC; ++g)
+        for (int c = 0; c < NV; ++c)
+          a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(ws[g][c / 2][u]), v[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * DC + 16 * c, a[g][c]);
+#endif
+}
+
+template <int64_t DC>
+inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
+                              const float* w, int64_t stride, float* acc) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (DC > 0) {
+    constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
+    for (int64_t g = 0; g < G; g += GMAX) {
+      const float* wg = w + g * stride;
+      float* ag = acc + g * DC;
+      switch (std::min(GMAX, G - g)) {
+        case 1: pv_int8<DC, 1>(it, bs, wg, stride, ag); break;
+        case 2: pv_int8<DC, 2>(it, bs, wg, stride, ag); break;
+        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, ag); break;
+        default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, D);
+    const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * D);
+    for (int64_t u = std::max(p0, it.start) - p0; u < std::min(p0 + kv8::SUB, it.end) - p0; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+          const float ws = w[g * stride + (p0 + u - it.start)] * vs[kv8::SUB * c + u];
+          for (int64_t i = 0; i < kv8::GRP; ++i) {
+            float& a = acc[g * D + kv8::GRP * c + i];
+            a = std::fma(ws, float(sb[u * D + kv8::GRP * c + i]), a);
+          }
+        }
+  }
+}
+
 // Attention straight from the paged cache, one query row at a time, no gather: decode rows
 // and prefill rows alike (a prefill row is a query that attends to the keys up to its own
 // position, written to the cache before this call). q [B, Hq, D] (row stride q_tok, head
@@ -258,25 +428,29 @@ inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, co
 // to. One work item per (row, KV head): its G = Hq / Hk query heads share every K and V row
 // they read. Scores live in float32 scratch [threads, G * max_keys]; the softmax and both
 // products run in float32.
-template <typename T, int64_t DC>  // DC: the head dim when fixed at compile time, else 0
-void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,
+// E: the cache's element, T or int8_t (kv8.h's layout, kv_head in bytes).
+template <typename T, typename E, int64_t DC>  // DC: the head dim when fixed at compile time
+void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,
                   int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
                   const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
                   int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
+  constexpr bool INT8 = std::is_same_v<E, int8_t>;
   const int64_t G = Hq / Hk, D = DC ? DC : head_dim, n_items = B * Hk;
+  const int64_t block_elems = INT8 ? kv8::block_bytes(bs, D) : bs * D;
   // Items taken from both ends in turn: each thread's share is two contiguous runs, one from
   // the front and one from the back, so a prefill's short and long rows even out.
   auto item_of = [&](int64_t p) { return (p & 1) ? n_items - 1 - p / 2 : p / 2; };
   auto view = [&](int64_t item) {
     const int64_t b = item / Hk, h = item % Hk;
-    return Item<T>{tables + (row_seq ? row_seq[b] : b) * table_stride, kc + h * kv_head,
+    return Item<E>{tables + (row_seq ? row_seq[b] : b) * table_stride, kc + h * kv_head,
                    vc + h * kv_head, bounds[2 * b], bounds[2 * b + 1]};
   };
 #pragma omp parallel num_threads(threads)
   {
     float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
     float qf[16 * 256], acc[16 * 256];  // G * D <= 4096, checked by the caller
-    Prefetch<T> pf;
+    Prefetch<E> pf;
+    Q8 q8;  // the int8 cache's quantized query (unused otherwise)
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < n_items; ++p) {
       // Under the static schedule a thread's p run consecutively, so p + 1 is its next item
@@ -284,17 +458,23 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
       // sequence share blocks, in cache after the first: as p + 1 comes from the same end as
       // p - 1, when both read the same sequence and head there is nothing to fetch.
       const int64_t item = item_of(p), b = item / Hk, h = item % Hk;
-      const Item<T> it = view(item);
+      const Item<E> it = view(item);
       if (p + 1 < n_items) {
-        const Item<T> nx = view(item_of(p + 1));
-        const Item<T> prev = p > 0 ? view(item_of(p - 1)) : Item<T>{};
+        const Item<E> nx = view(item_of(p + 1));
+        const Item<E> prev = p > 0 ? view(item_of(p - 1)) : Item<E>{};
         const bool seen = p > 0 && prev.table == nx.table && prev.kh == nx.kh;
-        if (!seen) pf.reset(nx, bs, D);
+        if (!seen) pf.reset(nx, bs, block_elems);
       }
       const T* qrow = q + b * q_tok + h * G * D;
-      scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
-      softmax_rows(sc, it.end - it.start, G, max_keys);
-      weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc);
+      if constexpr (INT8) {
+        scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
+        softmax_rows(sc, it.end - it.start, G, max_keys);
+        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc);
+      } else {
+        scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
+        softmax_rows(sc, it.end - it.start, G, max_keys);
+        weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc);
+      }
       while (pf.block <= pf.last) pf.step();  // whatever the score loop did not reach
       T* orow = out + (b * Hq + h * G) * D;
 #pragma omp simd
@@ -307,16 +487,21 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, i
 
 extern "C" {
 
-#define TM_PAGED_DECODE(NAME, T)                                                              \
-  void NAME(const T* q, int64_t q_tok, T* out, const T* kc, const T* vc, int64_t kv_head,     \
+// The int8 cache's: kv_head in bytes, D a multiple of 32, bs of 16.
+#define TM_PAGED_DECODE(NAME, T, E)                                                           \
+  void NAME(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,     \
             int64_t bs, int64_t D, const int64_t* tables, int64_t table_stride,               \
             const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq, int64_t Hk,  \
             float scale, float* scratch, int64_t max_keys, int threads) {                     \
-    auto f = D == 64 ? paged_decode<T, 64> : D == 128 ? paged_decode<T, 128> : paged_decode<T, 0>;  \
+    auto f = D == 64    ? paged_decode<T, E, 64>                                              \
+             : D == 128 ? paged_decode<T, E, 128>                                             \
+                        : paged_decode<T, E, 0>;                                              \
     f(q, q_tok, out, kc, vc, kv_head, bs, D, tables, table_stride, row_seq, bounds, B, Hq, Hk, \
       scale, scratch, max_keys, threads);                                                     \
   }
-TM_PAGED_DECODE(tm_paged_decode_bf16, uint16_t)
-TM_PAGED_DECODE(tm_paged_decode_f32, float)
+TM_PAGED_DECODE(tm_paged_decode_bf16, uint16_t, uint16_t)
+TM_PAGED_DECODE(tm_paged_decode_f32, float, float)
+TM_PAGED_DECODE(tm_paged_decode_kv8_bf16, uint16_t, int8_t)
+TM_PAGED_DECODE(tm_paged_decode_kv8_f32, float, int8_t)
 
 }  // extern "C"

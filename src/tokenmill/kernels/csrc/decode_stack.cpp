@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "tm_kernels.h"
 
@@ -25,15 +26,17 @@ struct TmLayer {
   const uint16_t* gu_s;
   const uint8_t* down_w;
   const uint16_t* down_s;
-  void* kv;  // [2, Hk, n_blocks, bs, D]
+  void* kv;  // [2, Hk, kv_head] elements of the cache's type
 };
 
 struct TmStack {
-  int64_t n_layers, H, I, Hq, Hk, D, bs, kv_head;  // kv_head = n_blocks * bs * D
+  // kv_head: a KV head's cache elements, n_blocks * bs * D (int8 cache: bytes, kv8.h)
+  int64_t n_layers, H, I, Hq, Hk, D, bs, kv_head;
   float eps, scale;
   const void* cos;
   const void* sin;
   int64_t n_positions;
+  int64_t kv_int8;  // 1: the int8 cache (--kv-cache-dtype int8)
 };
 
 struct TmStep {
@@ -83,29 +86,47 @@ inline void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const
                    int64_t N, float* y, int t) {
   tm_w4a8_matmul_f32(x, K, M, K, w, s, N, y, N, t);
 }
-inline int64_t rope(uint16_t* qkv, const Stack& c, const Step& s, uint16_t* kc, uint16_t* vc) {
-  return tm_rope_kv_bf16(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions,
-                         c.n_positions, static_cast<const uint16_t*>(c.cos),
-                         static_cast<const uint16_t*>(c.sin), kc, vc, c.kv_head, s.slots,
-                         s.threads);
+// Rotary + cache write and attention over the cache whatever its element: the model's T, or
+// int8 (bytes).
+template <typename E>
+inline int64_t rope(uint16_t* qkv, const Stack& c, const Step& s, E* kc, E* vc) {
+  auto f = [] {
+    if constexpr (std::is_same_v<E, int8_t>) return tm_rope_kv8_bf16;
+    else return tm_rope_kv_bf16;
+  }();
+  return f(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions, c.n_positions,
+           static_cast<const uint16_t*>(c.cos), static_cast<const uint16_t*>(c.sin), kc, vc,
+           c.kv_head, c.bs, s.slots, s.threads);
 }
-inline int64_t rope(float* qkv, const Stack& c, const Step& s, float* kc, float* vc) {
-  return tm_rope_kv_f32(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions,
-                        c.n_positions, static_cast<const float*>(c.cos),
-                        static_cast<const float*>(c.sin), kc, vc, c.kv_head, s.slots,
-                        s.threads);
+template <typename E>
+inline int64_t rope(float* qkv, const Stack& c, const Step& s, E* kc, E* vc) {
+  auto f = [] {
+    if constexpr (std::is_same_v<E, int8_t>) return tm_rope_kv8_f32;
+    else return tm_rope_kv_f32;
+  }();
+  return f(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions, c.n_positions,
+           static_cast<const float*>(c.cos), static_cast<const float*>(c.sin), kc, vc,
+           c.kv_head, c.bs, s.slots, s.threads);
 }
-inline void attend(const uint16_t* qkv, uint16_t* out, const uint16_t* kc, const uint16_t* vc,
+template <typename E>
+inline void attend(const uint16_t* qkv, uint16_t* out, const E* kc, const E* vc,
                    const Stack& c, const Step& s) {
-  tm_paged_decode_bf16(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
-                       s.tables, s.table_stride, s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale,
-                       s.attn_scratch, s.max_keys, s.threads);
+  auto f = [] {
+    if constexpr (std::is_same_v<E, int8_t>) return tm_paged_decode_kv8_bf16;
+    else return tm_paged_decode_bf16;
+  }();
+  f(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D, s.tables, s.table_stride,
+    s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
 }
-inline void attend(const float* qkv, float* out, const float* kc, const float* vc,
-                   const Stack& c, const Step& s) {
-  tm_paged_decode_f32(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D,
-                      s.tables, s.table_stride, s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale,
-                      s.attn_scratch, s.max_keys, s.threads);
+template <typename E>
+inline void attend(const float* qkv, float* out, const E* kc, const E* vc, const Stack& c,
+                   const Step& s) {
+  auto f = [] {
+    if constexpr (std::is_same_v<E, int8_t>) return tm_paged_decode_kv8_f32;
+    else return tm_paged_decode_f32;
+  }();
+  f(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D, s.tables, s.table_stride,
+    s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
 }
 
 inline void silu_mul(const uint16_t* gu, uint16_t* act, int64_t M, int64_t I, int t) {
@@ -116,7 +137,8 @@ inline void silu_mul(const float* gu, float* act, int64_t M, int64_t I, int t) {
 }
 
 // Returns -1, or the row whose position is outside the rotary table (nothing written then).
-template <typename T>
+// E: the cache's element (T, or int8_t).
+template <typename T, typename E>
 int64_t run(const Layer* layers, const Stack& c, const Step& s) {
   const int64_t M = s.M, H = c.H, NQKV = (c.Hq + 2 * c.Hk) * c.D, HQD = c.Hq * c.D;
   T* x = static_cast<T*>(s.x);
@@ -127,8 +149,8 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
   T* act = static_cast<T*>(s.act);
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers[l];
-    T* kc = static_cast<T*>(L.kv);
-    T* vc = kc + c.Hk * c.kv_head;
+    E* kc = static_cast<E*>(L.kv);
+    E* vc = kc + c.Hk * c.kv_head;
     norm(x, l == 0 ? nullptr : res, res, L.in_norm, h, M, H, c.eps, s.threads);
     matmul(h, M, H, L.qkv_w, L.qkv_s, NQKV, qkv, s.threads);
     if (L.qkv_bias) {
@@ -156,10 +178,11 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
 extern "C" {
 
 int64_t tm_decode_stack_bf16(const Layer* layers, const Stack* c, const Step* s) {
-  return run<uint16_t>(layers, *c, *s);
+  return c->kv_int8 ? run<uint16_t, int8_t>(layers, *c, *s)
+                    : run<uint16_t, uint16_t>(layers, *c, *s);
 }
 int64_t tm_decode_stack_f32(const Layer* layers, const Stack* c, const Step* s) {
-  return run<float>(layers, *c, *s);
+  return c->kv_int8 ? run<float, int8_t>(layers, *c, *s) : run<float, float>(layers, *c, *s);
 }
 
 }  // extern "C"

@@ -3,12 +3,14 @@
 // of the library kernels/cpu.py builds from csrc/.
 #include <omp.h>
 
+#include "kv8.h"
 #include "tm_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -80,10 +82,12 @@ void add_rmsnorm(const T* x, int64_t x_stride, const T* residual, T* r_out, cons
 // gives torch's bits.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename T>
+// E: the cache's element, T (rows copied) or int8_t (rows quantized into kv8.h's layout, bs
+// keys a block).
+template <typename T, typename E>
 void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, int64_t D,
-             const int64_t* positions, const T* cos, const T* sin, T* kc, T* vc,
-             int64_t kv_head, const int64_t* slots, int threads) {
+             const int64_t* positions, const T* cos, const T* sin, E* kc, E* vc,
+             int64_t kv_head, int64_t bs, const int64_t* slots, int threads) {
   const int64_t half = D / 2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
   for (int64_t t = 0; t < rows; ++t) {
@@ -110,8 +114,21 @@ void rope_kv(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, i
     }
     const int64_t slot = slots[t];
     for (int64_t h = 0; h < Hk; ++h) {
-      std::memcpy(kc + h * kv_head + slot * D, row + (Hq + h) * D, D * sizeof(T));
-      std::memcpy(vc + h * kv_head + slot * D, row + (Hq + Hk + h) * D, D * sizeof(T));
+      const T* k = row + (Hq + h) * D;
+      const T* v = row + (Hq + Hk + h) * D;
+      if constexpr (std::is_same_v<E, T>) {
+        std::memcpy(kc + h * kv_head + slot * D, k, D * sizeof(T));
+        std::memcpy(vc + h * kv_head + slot * D, v, D * sizeof(T));
+      } else {
+        float kf[1024], vf[1024];
+        for (int64_t i = 0; i < D; ++i) {
+          kf[i] = load(k, i);
+          vf[i] = load(v, i);
+        }
+        const int64_t off = tmk::kv8::slot_offset(slot, bs, D), u = slot % tmk::kv8::SUB;
+        tmk::kv8::store_k(kc + h * kv_head + off, u, kf, D);
+        tmk::kv8::store_v(vc + h * kv_head + off, u, vf, D);
+      }
     }
   }
 }
@@ -136,17 +153,20 @@ TM_SILU_MUL(tm_silu_mul_f32, float)
 
 // Returns the index of the first position outside [0, n_positions) (nothing is written
 // then), or -1 when all are inside: the caller raises, as indexing the table in torch would.
-#define TM_ROPE_KV(NAME, T)                                                                   \
+// kv_head counts cache elements (bytes for the int8 cache, whose layout needs bs).
+#define TM_ROPE_KV(NAME, T, E)                                                                \
   int64_t NAME(T* qkv, int64_t qkv_stride, int64_t rows, int64_t Hq, int64_t Hk, int64_t D,   \
                const int64_t* positions, int64_t n_positions, const T* cos, const T* sin,     \
-               T* kc, T* vc, int64_t kv_head, const int64_t* slots, int threads) {            \
+               E* kc, E* vc, int64_t kv_head, int64_t bs, const int64_t* slots, int threads) { \
     for (int64_t t = 0; t < rows; ++t)                                                        \
       if (positions[t] < 0 || positions[t] >= n_positions) return t;                          \
-    rope_kv(qkv, qkv_stride, rows, Hq, Hk, D, positions, cos, sin, kc, vc, kv_head, slots,    \
+    rope_kv(qkv, qkv_stride, rows, Hq, Hk, D, positions, cos, sin, kc, vc, kv_head, bs, slots, \
             threads);                                                                         \
     return -1;                                                                                \
   }
-TM_ROPE_KV(tm_rope_kv_bf16, uint16_t)
-TM_ROPE_KV(tm_rope_kv_f32, float)
+TM_ROPE_KV(tm_rope_kv_bf16, uint16_t, uint16_t)
+TM_ROPE_KV(tm_rope_kv_f32, float, float)
+TM_ROPE_KV(tm_rope_kv8_bf16, uint16_t, int8_t)
+TM_ROPE_KV(tm_rope_kv8_f32, float, int8_t)
 
 }  // extern "C"

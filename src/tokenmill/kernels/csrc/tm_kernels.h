@@ -4,6 +4,11 @@
 // definition and every call agree, and kernels/cpu.py reads its ctypes signatures from this
 // block too (pointers, int64_t, int and float only, one declaration per entry point).
 #pragma once
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -14,16 +19,30 @@ void tm_add_rmsnorm_f32(const float*, int64_t, const float*, float*, const float
                         int64_t, int64_t, float, int);
 int64_t tm_rope_kv_bf16(uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
                         int64_t, const uint16_t*, const uint16_t*, uint16_t*, uint16_t*, int64_t,
-                        const int64_t*, int);
+                        int64_t, const int64_t*, int);
 int64_t tm_rope_kv_f32(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
-                       int64_t, const float*, const float*, float*, float*, int64_t,
+                       int64_t, const float*, const float*, float*, float*, int64_t, int64_t,
                        const int64_t*, int);
+int64_t tm_rope_kv8_bf16(uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                         int64_t, const uint16_t*, const uint16_t*, int8_t*, int8_t*, int64_t,
+                         int64_t, const int64_t*, int);
+int64_t tm_rope_kv8_f32(float*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                        int64_t, const float*, const float*, int8_t*, int8_t*, int64_t, int64_t,
+                        const int64_t*, int);
 void tm_paged_decode_bf16(const uint16_t*, int64_t, uint16_t*, const uint16_t*, const uint16_t*,
                           int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
                           const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
 void tm_paged_decode_f32(const float*, int64_t, float*, const float*, const float*, int64_t,
                          int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
                          const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t, int);
+void tm_paged_decode_kv8_bf16(const uint16_t*, int64_t, uint16_t*, const int8_t*, const int8_t*,
+                              int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                              const int64_t*, const int64_t*, int64_t, int64_t, int64_t, float,
+                              float*, int64_t, int);
+void tm_paged_decode_kv8_f32(const float*, int64_t, float*, const int8_t*, const int8_t*,
+                             int64_t, int64_t, int64_t, const int64_t*, int64_t, const int64_t*,
+                             const int64_t*, int64_t, int64_t, int64_t, float, float*, int64_t,
+                             int);
 void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
                          const uint16_t*, int64_t, uint16_t*, int64_t, int);
 void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
@@ -107,5 +126,38 @@ inline float round_to(float v, const uint16_t*) {
   uint16_t b;
   store(&b, 0, v);
   return load(&b, 0);
+}
+
+// One group of 32 values quantized to int8 as llama.cpp's q8_0/Q8_1 blocks: d = max|x| / 127,
+// q = round-half-even(x * (1 / d)) clamped to +-127 (d = 0: q = 0); returns the sum of q.
+// The activations of the quantized matmuls (w4a8.cpp) and the int8 KV cache's rows (kv8.h);
+// the same float operations as layers/quant.py's `quantize_activations` and
+// layers/kv_int8.py's `quantize`, so those agree bit for bit (NaN inputs aside).
+inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
+#if defined(__AVX512F__)
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  *d = amax / 127.f;
+  const __m512 id = _mm512_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  // The default MXCSR rounding is to nearest even, as nearbyint and torch.round.
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(a, id), hi), lo));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(b, id), hi), lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+#else
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+  *d = amax / 127.f;
+  const float id = *d > 0.f ? 1.f / *d : 0.f;
+  int32_t s = 0;
+  for (int i = 0; i < 32; ++i) {
+    const float r = std::nearbyint(std::max(std::min(v[i] * id, 127.f), -127.f));
+    q[i] = int8_t(r);
+    s += int32_t(r);
+  }
+  return s;
+#endif
 }
 }  // namespace tmk

@@ -52,37 +52,6 @@ inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }
 inline void from_float(float* p, float v) { *p = v; }
 inline void from_float(uint16_t* p, float v) { *p = tmk::float_to_bf16(v); }
 
-// One group of 32 activations: xd = max|x| / 127, xq = round-half-even(x * (1 / xd)) clamped
-// to +-127, xs = sum of xq. The same float operations as `quantize_activations` in
-// layers/quant.py, so the two agree bit for bit (NaN inputs aside).
-inline void quantize_group(const float* v, int8_t* q, float* d, int32_t* sum) {
-#if TM_W4A8_VNNI
-  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  *d = amax / 127.f;
-  const __m512 id = _mm512_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
-  const __m512 hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
-  // The default MXCSR rounding is to nearest even, as nearbyint and torch.round.
-  const __m512i qa = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(a, id), hi), lo));
-  const __m512i qb = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(b, id), hi), lo));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
-  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-#else
-  float amax = 0.f;
-  for (int64_t i = 0; i < GS; ++i) amax = std::max(amax, std::fabs(v[i]));
-  *d = amax / 127.f;
-  const float id = *d > 0.f ? 1.f / *d : 0.f;
-  int32_t s = 0;
-  for (int64_t i = 0; i < GS; ++i) {
-    const float r = std::nearbyint(std::max(std::min(v[i] * id, 127.f), -127.f));
-    q[i] = int8_t(r);
-    s += int32_t(r);
-  }
-  *sum = s;
-#endif
-}
-
 // A row's group of quantized activations, as the tile loop consumes it.
 struct Act {
   float d;        // the scale
@@ -101,8 +70,7 @@ void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* x
     const T* src = x + m * x_stride + g * GS;
     float v[GS];
     for (int64_t i = 0; i < GS; ++i) v[i] = to_float(src[i]);
-    int32_t sum;
-    quantize_group(v, xq + m * K + g * GS, &act[mg].d, &sum);
+    const int32_t sum = tmk::quantize_group(v, xq + m * K + g * GS, &act[mg].d);
     act[mg].dsum = act[mg].d * float(sum);
     act[mg].corr = -8 * sum;
     act[mg].corr8 = -128 * sum;
