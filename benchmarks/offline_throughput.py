@@ -5,7 +5,7 @@ the ratios. Only ratios from one run are comparable: the machines are shared, so
 prints the load average before it starts and warns when the machine is busy.
 
     .venv/bin/python benchmarks/offline_throughput.py [--dtype bfloat16] [--prompts 64]
-        [--quantize w4a8]
+        [--quantize w4a8] [--kv-cache-dtype int8]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--quantize", default=None, help="tokenmill's --quantize (int4, w4a8)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="tokenmill's (auto, int8)")
     a = ap.parse_args()
 
     load1 = os.getloadavg()[0]
@@ -96,7 +97,8 @@ def main() -> None:
     print(f"load average {load1:.2f} on {cores} cores"
           + ("  ** machine busy: ratios are less reliable **" if load1 > 0.5 * cores else ""))
 
-    llm = LLM(dtype=a.dtype, max_batch_total_tokens=65536, quantize=a.quantize)
+    llm = LLM(dtype=a.dtype, max_batch_total_tokens=65536, quantize=a.quantize,
+              kv_cache_dtype=a.kv_cache_dtype)
     dtype = getattr(torch, llm.engine.info.dtype)
     print(f"tokenmill: {llm.engine.info.model_id} {llm.engine.info.dtype} "
           f"{torch.get_num_threads()} threads")

@@ -36,7 +36,7 @@ from tokenmill.bench.client import ClientConfig
 from tokenmill.bench.metrics import LevelSummary
 from tokenmill.bench.runner import ServerRun, run_server
 from tokenmill.bench.workload import LengthDist, Workload, load_tokenizer
-from tokenmill.config import QUANTIZE_METHODS
+from tokenmill.config import KV_CACHE_DTYPES, QUANTIZE_METHODS
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON",
@@ -218,7 +218,8 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     from tokenmill.llm import LLM
     from tokenmill.loader import default_model_path
 
-    llm = LLM(dtype="auto", max_batch_total_tokens=65536, quantize=args.quantize)
+    llm = LLM(dtype="auto", max_batch_total_tokens=65536, quantize=args.quantize,
+              kv_cache_dtype=args.kv_cache_dtype)
     prompts = ot.make_prompts(llm.tokenizer, args.offline_prompts, args.prompt_tokens)
     ot.bench_tokenmill(llm, prompts[:4], 8)  # warm-up
     r = {"tm_decode": ot.bench_tokenmill_decode(llm, prompts[0], args.output_tokens),
@@ -301,6 +302,9 @@ def main() -> int:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_METHODS),
                     help="tokenmill's --quantize, for the server and the offline run")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                    help="tokenmill's --kv-cache-dtype; int8 gives llama-server its q8_0 "
+                         "cache (-ctk q8_0 -ctv q8_0 -fa on), the same format")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server threads (tokenmill: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
@@ -345,11 +349,14 @@ def main() -> int:
             "--max-batch-total-tokens", str(n_par * per_slot),
             "--max-concurrent-requests", str(max(128, 2 * n_par)),
             "--max-batch-size", str(max(256, n_par)),
-            *(["--quantize", args.quantize] if args.quantize else [])], tp, logs),
+            *(["--quantize", args.quantize] if args.quantize else []),
+            "--kv-cache-dtype", args.kv_cache_dtype], tp, logs),
         "llama.cpp": start("llama.cpp", [
             str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(lp),
             "-np", str(n_par), "-c", str(n_par * per_slot), "-t", str(args.threads),
-            "--no-webui"], lp, logs),
+            "--no-webui",
+            *(["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"] if args.kv_cache_dtype == "int8"
+              else [])], lp, logs),
     }
     serve: list[tuple[str, dict[str, ServerRun]]] = []
     notes: list[str] = []
@@ -374,7 +381,9 @@ def main() -> int:
         f"- model: {gguf.name}; tokenmill dtype {info.get('model_dtype', '?')} "
         + (f"with --quantize {args.quantize}, " if args.quantize else
            "(weights dequantized at load), ")
-        + f"llama-server on the quantized GGUF ({version}, -t {args.threads}, -np {n_par})",
+        + f"llama-server on the quantized GGUF ({version}, -t {args.threads}, -np {n_par})"
+        + ("; int8 KV caches (tokenmill --kv-cache-dtype int8, llama-server -ctk/-ctv q8_0)"
+           if args.kv_cache_dtype == "int8" else ""),
         "- serving: OpenAI /v1/completions, streamed, ignore_eos, exact-length prompts "
         "(tokenizer of the GGUF), closed loop; each server alone on the machine in turn",
         *[f"- serving {title}: " + "; ".join(

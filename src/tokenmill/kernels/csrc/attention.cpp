@@ -68,14 +68,15 @@ inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, i
 // (w rows `stride` apart), V bfloat16 rows of the paged cache (block size bs). Each V row is
 // widened once and feeds all GC heads from registers; the generic loop widened it per head
 // and kept the sums in memory (~2x the operations). FMA: one rounding per term.
-template <int64_t DC, int GC>
+template <int64_t DC, int GC, typename PF>
 inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
-                    int64_t end, const float* w, int64_t stride, float* acc) {
+                    int64_t end, const float* w, int64_t stride, float* acc, PF* pf) {
   constexpr int NV = DC / 16;
   __m512 a[GC][NV];
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+    if (pf) pf->step(true);
     const uint16_t* vb = vh + table[p0 / bs] * bs * DC;
     for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
       const uint16_t* vrow = vb + (p - p0) * DC;
@@ -95,18 +96,20 @@ inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_
 
 // pv_bf16 over G heads, up to 4 at a time for head dim 64 and 2 for 128 (the sums then fill
 // 16 registers next to the widened V row).
-template <int64_t DC>
+template <int64_t DC, typename PF>
 inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
-                          int64_t end, const float* w, int64_t stride, int64_t G, float* acc) {
+                          int64_t end, const float* w, int64_t stride, int64_t G, float* acc,
+                          PF& pf) {
   constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
   for (int64_t g = 0; g < G; g += GMAX) {
     const float* wg = w + g * stride;
     float* ag = acc + g * DC;
+    PF* p = g == 0 ? &pf : nullptr;  // the next item's V during the first pass
     switch (std::min(GMAX, G - g)) {
-      case 1: pv_bf16<DC, 1>(vh, table, bs, start, end, wg, stride, ag); break;
-      case 2: pv_bf16<DC, 2>(vh, table, bs, start, end, wg, stride, ag); break;
-      case 3: pv_bf16<DC, (GMAX >= 3 ? 3 : 1)>(vh, table, bs, start, end, wg, stride, ag); break;
-      default: pv_bf16<DC, GMAX>(vh, table, bs, start, end, wg, stride, ag);
+      case 1: pv_bf16<DC, 1>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      case 2: pv_bf16<DC, 2>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      case 3: pv_bf16<DC, (GMAX >= 3 ? 3 : 1)>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      default: pv_bf16<DC, GMAX>(vh, table, bs, start, end, wg, stride, ag, p);
     }
   }
 }
@@ -130,33 +133,33 @@ struct Item {
   int64_t start, end;
 };
 
-// Software prefetch of the next item's K and V blocks into L2, a block per call, issued while
-// the current item computes. A sequence's blocks are scattered over the cache (allocated as it
-// grows, among other sequences'), 2 KB apiece, which the hardware prefetcher does not follow:
-// with shuffled tables, 64 decode rows x 192 keys took ~650 us a layer against ~400 with
-// contiguous ones, and ~470 with this (benchmarks/cpu_kernels.py). A block that continues the
-// previous one is left to the hardware, which the extra instructions would only slow.
+// Software prefetch of the next item's K and V blocks into L2, issued while the current item
+// computes: its K a block per call while the scores run, its V a block per call while the
+// weighted sum does, so the requests are spread over the whole item instead of bunched (which
+// filled the miss queues: the hardware prefetcher does not follow 2 KB blocks, scattered or
+// not). 64 decode rows x 192 keys over 30 layers' caches (benchmarks/cpu_kernels.py), int8
+// cache: ~360 -> ~220 us a layer with contiguous blocks and ~290 scattered (~180 when the
+// cache is warm); before any prefetch the bfloat16 cache took ~650 scattered.
 template <typename E>
 struct Prefetch {
   Item<E> it{};
-  int64_t block = 0, first = 0, last = -1, block_bytes = 0;
+  int64_t k = 0, v = 0, last = -1, block_bytes = 0;  // the next K and V blocks to fetch
   void reset(const Item<E>& next, int64_t bs, int64_t block_elems) {
     it = next;
-    block = first = next.start / bs;
+    k = v = next.start / bs;
     last = next.end > next.start ? (next.end - 1) / bs : -1;
     block_bytes = block_elems * int64_t(sizeof(E));
   }
-  void step() {
-    if (block > last) return;
-    const bool follows = block > first && it.table[block] == it.table[block - 1] + 1;
-    const int64_t off = it.table[block++] * block_bytes;
-    if (follows) return;
-    const char* k = reinterpret_cast<const char*>(it.kh) + off;
-    const char* v = reinterpret_cast<const char*>(it.vh) + off;
-    for (int64_t b = 0; b < block_bytes; b += 64) {
-      __builtin_prefetch(k + b, 0, 2);
-      __builtin_prefetch(v + b, 0, 2);
-    }
+  void step(bool value) {
+    int64_t& b = value ? v : k;
+    if (b > last) return;
+    const char* h = reinterpret_cast<const char*>(value ? it.vh : it.kh);
+    h += it.table[b++] * block_bytes;
+    for (int64_t o = 0; o < block_bytes; o += 64) __builtin_prefetch(h + o, 0, 2);
+  }
+  void finish() {  // whatever the loops did not reach
+    while (k <= last) step(false);
+    while (v <= last) step(true);
   }
 };
 
@@ -174,7 +177,7 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
       for (int64_t g = 0; g < G; ++g) {
         const uint16_t* qrow = reinterpret_cast<const uint16_t*>(q + g * D);
         for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
-          if (g == 0) pf.step();
+          if (g == 0) pf.step(false);
           const uint16_t* kb = reinterpret_cast<const uint16_t*>(it.kh + it.table[p0 / bs] * bs * D);
           qk_block_bf16<DC>(qrow, kb, std::max(p0, start) - p0, std::min(p0 + bs, end) - p0,
                             sc + g * stride + (p0 - start));
@@ -193,7 +196,7 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
   }
   // keys block by block: one table lookup (and division) per block, not per key
   for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
-    pf.step();
+    pf.step(false);
     const T* kb = it.kh + it.table[p0 / bs] * bs * D;
     for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
       const T* krow = kb + (p - p0) * D;
@@ -229,16 +232,17 @@ inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
 // acc[g][0:D] = sum over the item's keys p of w[g][p - start] * V[p], for G heads.
 template <typename T, int64_t DC>
 inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, const float* w,
-                         int64_t stride, float* acc) {
+                         int64_t stride, float* acc, Prefetch<T>& pf) {
 #if defined(__AVX512BF16__)
   if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
     pv_heads_bf16<DC>(reinterpret_cast<const uint16_t*>(it.vh), it.table, bs, it.start, it.end,
-                      w, stride, G, acc);
+                      w, stride, G, acc, pf);
     return;
   }
 #endif
   for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
   for (int64_t p0 = it.start - it.start % bs; p0 < it.end; p0 += bs) {
+    pf.step(true);
     const T* vb = it.vh + it.table[p0 / bs] * bs * D;
     for (int64_t p = std::max(p0, it.start); p < std::min(p0 + bs, it.end); ++p) {
       const T* vrow = vb + (p - p0) * D;
@@ -331,7 +335,7 @@ inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t 
   const int64_t start = it.start, end = it.end, NG = D / kv8::GRP;
   quantize_query(q, D, G, q8);
   for (int64_t p0 = start - start % kv8::SUB; p0 < end; p0 += kv8::SUB) {
-    if (p0 % bs == 0 || p0 <= start) pf.step();  // a block at a time
+    if (p0 % bs == 0 || p0 <= start) pf.step(false);  // a block at a time
     const int8_t* sb = it.kh + kv8::sub_offset(it.table, p0, bs, D);
     const int64_t lo = std::max(p0, start) - p0, hi = std::min(p0 + kv8::SUB, end) - p0;
     for (int64_t g = 0; g < G; ++g)
@@ -351,13 +355,14 @@ inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t 
 // the same float operations.
 template <int64_t DC, int GC>
 inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t stride,
-                    float* acc) {
+                    float* acc, Prefetch<int8_t>* pf) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   constexpr int NV = DC / 16, NG = DC / kv8::GRP;
   __m512 a[GC][NV];
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    if (pf && (p0 % bs == 0 || p0 <= it.start)) pf->step(true);
     const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
     const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC);
     const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
@@ -386,18 +391,20 @@ inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t 
 
 template <int64_t DC>
 inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
-                              const float* w, int64_t stride, float* acc) {
+                              const float* w, int64_t stride, float* acc,
+                              Prefetch<int8_t>& pf) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if constexpr (DC > 0) {
     constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
     for (int64_t g = 0; g < G; g += GMAX) {
       const float* wg = w + g * stride;
       float* ag = acc + g * DC;
+      Prefetch<int8_t>* p = g == 0 ? &pf : nullptr;  // the next item's V during the first
       switch (std::min(GMAX, G - g)) {
-        case 1: pv_int8<DC, 1>(it, bs, wg, stride, ag); break;
-        case 2: pv_int8<DC, 2>(it, bs, wg, stride, ag); break;
-        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, ag); break;
-        default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag);
+        case 1: pv_int8<DC, 1>(it, bs, wg, stride, ag, p); break;
+        case 2: pv_int8<DC, 2>(it, bs, wg, stride, ag, p); break;
+        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, ag, p); break;
+        default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag, p);
       }
     }
     return;
@@ -405,6 +412,7 @@ inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int
 #endif
   for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
   for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    if (p0 % bs == 0 || p0 <= it.start) pf.step(true);
     const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, D);
     const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * D);
     for (int64_t u = std::max(p0, it.start) - p0; u < std::min(p0 + kv8::SUB, it.end) - p0; ++u)
@@ -469,13 +477,13 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
       if constexpr (INT8) {
         scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
         softmax_rows(sc, it.end - it.start, G, max_keys);
-        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc);
+        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc, pf);
       } else {
         scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
         softmax_rows(sc, it.end - it.start, G, max_keys);
-        weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc);
+        weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc, pf);
       }
-      while (pf.block <= pf.last) pf.step();  // whatever the score loop did not reach
+      pf.finish();
       T* orow = out + (b * Hq + h * G) * D;
 #pragma omp simd
       for (int64_t i = 0; i < G * D; ++i) store(orow, i, acc[i]);
