@@ -49,13 +49,12 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _views(half: torch.Tensor, head_dim: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One half (K or V) [Hk, n_blocks, block_bytes] as sub-blocks: K bytes
-    [Hk, n, D/4, 16, 4] (uint8), V bytes [Hk, n, 8 key pairs, D, 2] (int8), scales
-    [Hk, n, D/32, 16]."""
+    [Hk, n, D/4, 16, 4] (uint8), V bytes [Hk, n, 16, D] (int8), scales [Hk, n, D/32, 16]."""
     hk, d = half.shape[0], head_dim
     sub = half.view(hk, -1, 18 * d)  # a view: write() stores through it
     n = sub.shape[1]
     k = sub[..., :SUB * d].view(torch.uint8).view(hk, n, d // 4, SUB, 4)
-    v = sub[..., :SUB * d].view(hk, n, SUB // 2, d, 2)
+    v = sub[..., :SUB * d].view(hk, n, SUB, d)
     scales = sub[..., SUB * d:].view(torch.float32).view(hk, n, d // GROUP, SUB)
     return k, v, scales
 
@@ -70,7 +69,7 @@ def write(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
     _, vb, vs = _views(cache[1], d)
     kb[:, sb, :, u, :] = (kq.to(torch.int16) + 128).to(torch.uint8).unflatten(-1, (-1, 4))
     ks[:, sb, :, u] = kd
-    vb[:, sb, u // 2, :, u % 2] = vq
+    vb[:, sb, u, :] = vq.transpose(0, 1)
     vs[:, sb, :, u] = vd
 
 
@@ -83,10 +82,9 @@ def gather(cache: torch.Tensor, tables: torch.Tensor, head_dim: int, dtype: torc
     kb, _, ks = _views(blocks[0], d)
     _, vb, vs = _views(blocks[1], d)
     kq = (kb.to(torch.int16) - 128).permute(0, 1, 3, 2, 4).reshape(hk, -1, SUB, d)
-    vq = vb.transpose(3, 4).reshape(hk, -1, SUB, d)
 
     def dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         s = scales.transpose(-1, -2).repeat_interleave(GROUP, -1)  # [Hk, n, 16, D]
         return (q.float() * s).to(dtype).view(hk, b, -1, d)
 
-    return dequant(kq, ks), dequant(vq, vs)
+    return dequant(kq, ks), dequant(vb, vs)

@@ -211,10 +211,8 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
   }
 }
 
-// Softmax in place over each of G rows of n scores (rows `stride` apart); pmax[g] (if given)
-// receives row g's largest probability, exactly 1 / sum (its exp is exp_neg(0) = 1).
-inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride,
-                         float* pmax = nullptr) {
+// Softmax in place over each of G rows of n scores (rows `stride` apart).
+inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
   for (int64_t g = 0; g < G; ++g) {
     float* sg = sc + g * stride;
     float m = -INFINITY, sum = 0.f;
@@ -226,7 +224,6 @@ inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride,
       sum += sg[i];
     }
     const float inv = 1.f / sum;
-    if (pmax) pmax[g] = inv;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
   }
@@ -352,166 +349,82 @@ inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t 
   }
 }
 
-// weighted_sum() for the int8 cache, in integers. The weights times the keys' V scales,
-// ws = w * d (per key and group of 32 dims), are rounded to int16 against one bound per head
-// and group for the whole item, bound = pmax * (the largest d of its keys) >= every ws
-// (pmax: the head's largest probability): qs = round(ws * 32767 / bound). Then
-// sum_k qs_k * v8_k is exact in int32 (vpdpwssd: 2 keys x 16 dims an instruction, from the
-// pair-interleaved V rows; widening every row to float took ~3x the operations), added to the
-// float sums as float(sum) * (bound / 32767) every 16 sub-blocks (256 keys: no overflow) and
-// at the end. A weight's rounding is at most 1/65534 of the bound, far below the int8
-// values' own. The generic loop (any D, no AVX-512) performs the same operations.
-constexpr int64_t FLUSH = 16;  // sub-blocks per int32 partial sum
-
-// Per head and group: the rounding factor and its inverse, from the item's largest V scales.
-struct PvScales {
-  float f[16 * 256 / kv8::GRP], back[16 * 256 / kv8::GRP];  // [G][D / 32]
-};
-
-inline void pv_scales(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
-                      const float* pmax, PvScales& out) {
-  const int64_t NG = D / kv8::GRP;
-  float dmax[256 / kv8::GRP] = {};
-  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
-    const float* vs = reinterpret_cast<const float*>(
-        it.vh + kv8::sub_offset(it.table, p0, bs, D) + kv8::SUB * D);
-    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
-    for (int64_t c = 0; c < NG; ++c)
-      for (int64_t u = lo; u < hi; ++u) dmax[c] = std::max(dmax[c], vs[kv8::SUB * c + u]);
-  }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < NG; ++c) {
-      const float bound = pmax[g] * dmax[c];
-      out.f[g * NG + c] = bound > 0.f ? 32767.f / bound : 0.f;
-      out.back[g * NG + c] = bound / 32767.f;
-    }
-}
-
-// qs[0:16] of one head and group in a sub-block (0 outside keys lo..hi-1).
-inline void round_weights(const float* w, const float* d, int64_t lo, int64_t hi, float f,
-                          int16_t* qs) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  const __mmask16 keep = __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-  const __m512 ws = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, w), _mm512_loadu_ps(d));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs),
-                      _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(ws, _mm512_set1_ps(f)))));
-#else
-  for (int64_t u = 0; u < kv8::SUB; ++u)
-    qs[u] = u < lo || u >= hi ? 0 : int16_t(std::min(std::nearbyint((w[u] * d[u]) * f), 32767.f));
-#endif
-}
-
+// weighted_sum() for the int8 cache: per sub-block the weights are multiplied by the 16 keys'
+// V scales (ws = w * d, one per key and group), then each V row is widened to float once and
+// acc += ws * v, in key order, for the GC heads. The generic loop (any D, no AVX-512) performs
+// the same float operations.
 template <int64_t DC, int GC>
 inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t stride,
-                    const float* f, const float* back, float* acc, Prefetch<int8_t>* pf) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+                    float* acc, Prefetch<int8_t>* pf) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   constexpr int NV = DC / 16, NG = DC / kv8::GRP;
-  __m512i a[GC][NV];
-  auto flush = [&] {
-    for (int g = 0; g < GC; ++g)
-      for (int c = 0; c < NV; ++c) {
-        float* o = acc + g * DC + 16 * c;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[g][c]),
-                                            _mm512_set1_ps(back[g * NG + c / 2]),
-                                            _mm512_loadu_ps(o)));
-        a[g][c] = _mm512_setzero_si512();
-      }
-  };
+  __m512 a[GC][NV];
   for (int g = 0; g < GC; ++g)
-    for (int c = 0; c < NV; ++c) {
-      _mm512_storeu_ps(acc + g * DC + 16 * c, _mm512_setzero_ps());
-      a[g][c] = _mm512_setzero_si512();
-    }
-  int64_t n = 0;
-  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB, ++n) {
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
     if (pf && (p0 % bs == 0 || p0 <= it.start)) pf->step(true);
-    if (n == FLUSH) {
-      flush();
-      n = 0;
-    }
     const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
     const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC);
     const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
-    alignas(64) int16_t qs[GC][NG][kv8::SUB];
-    for (int g = 0; g < GC; ++g)
+    const __mmask16 keep = __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    alignas(64) float ws[GC][NG][kv8::SUB];
+    for (int g = 0; g < GC; ++g) {
+      const __m512 wr = _mm512_maskz_loadu_ps(keep, w + g * stride + (p0 - it.start));
       for (int c = 0; c < NG; ++c)
-        round_weights(w + g * stride + (p0 - it.start), vs + kv8::SUB * c, lo, hi,
-                      f[g * NG + c], qs[g][c]);
-    for (int64_t u = lo & ~int64_t(1); u < hi; u += 2) {  // key pairs; outside keys weigh 0
-      const int8_t* pair = sb + u * DC;  // [DC][2] bytes: the two keys' values side by side
-      __m512i v[NV];
+        _mm512_store_ps(ws[g][c], _mm512_mul_ps(wr, _mm512_loadu_ps(vs + kv8::SUB * c)));
+    }
+    for (int64_t u = lo; u < hi; ++u) {
+      const int8_t* vrow = sb + u * DC;
+      __m512 v[NV];
       for (int c = 0; c < NV; ++c)
-        v[c] = _mm512_cvtepi8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair + 32 * c)));
+        v[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vrow + 16 * c))));
       for (int g = 0; g < GC; ++g)
-        for (int c = 0; c < NV; ++c) {
-          int32_t q2;
-          std::memcpy(&q2, &qs[g][c / 2][u], 4);
-          a[g][c] = _mm512_dpwssd_epi32(a[g][c], v[c], _mm512_set1_epi32(q2));
-        }
+        for (int c = 0; c < NV; ++c)
+          a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(ws[g][c / 2][u]), v[c], a[g][c]);
     }
   }
-  flush();
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * DC + 16 * c, a[g][c]);
 #endif
 }
 
 template <int64_t DC>
 inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
-                              const float* w, int64_t stride, const float* pmax, float* acc,
+                              const float* w, int64_t stride, float* acc,
                               Prefetch<int8_t>& pf) {
-  const int64_t NG = D / kv8::GRP;
-  PvScales sc;
-  pv_scales(it, bs, D, G, pmax, sc);
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
   if constexpr (DC > 0) {
     constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
     for (int64_t g = 0; g < G; g += GMAX) {
       const float* wg = w + g * stride;
-      const float *f = sc.f + g * NG, *back = sc.back + g * NG;
       float* ag = acc + g * DC;
       Prefetch<int8_t>* p = g == 0 ? &pf : nullptr;  // the next item's V during the first
       switch (std::min(GMAX, G - g)) {
-        case 1: pv_int8<DC, 1>(it, bs, wg, stride, f, back, ag, p); break;
-        case 2: pv_int8<DC, 2>(it, bs, wg, stride, f, back, ag, p); break;
-        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, f, back, ag, p); break;
-        default: pv_int8<DC, GMAX>(it, bs, wg, stride, f, back, ag, p);
+        case 1: pv_int8<DC, 1>(it, bs, wg, stride, ag, p); break;
+        case 2: pv_int8<DC, 2>(it, bs, wg, stride, ag, p); break;
+        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, ag, p); break;
+        default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag, p);
       }
     }
     return;
   }
 #endif
   for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
-  static thread_local int32_t sums[16 * 256];  // [G][D] int32 partial sums
-  for (int64_t i = 0; i < G * D; ++i) sums[i] = 0;
-  auto flush = [&] {
-    for (int64_t i = 0; i < G * D; ++i) {
-      acc[i] = std::fma(float(sums[i]), sc.back[i / D * NG + i % D / kv8::GRP], acc[i]);
-      sums[i] = 0;
-    }
-  };
-  int64_t n = 0;
-  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB, ++n) {
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
     if (p0 % bs == 0 || p0 <= it.start) pf.step(true);
-    if (n == FLUSH) {
-      flush();
-      n = 0;
-    }
     const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, D);
     const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * D);
-    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < NG; ++c) {
-        int16_t qs[kv8::SUB];
-        round_weights(w + g * stride + (p0 - it.start), vs + kv8::SUB * c, lo, hi,
-                      sc.f[g * NG + c], qs);
-        for (int64_t i = 0; i < kv8::GRP; ++i) {
-          const int64_t dim = kv8::GRP * c + i;
-          for (int64_t u = lo; u < hi; ++u)
-            sums[g * D + dim] += int32_t(qs[u]) * sb[kv8::v_index(u, dim, D)];
+    for (int64_t u = std::max(p0, it.start) - p0; u < std::min(p0 + kv8::SUB, it.end) - p0; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+          const float ws = w[g * stride + (p0 + u - it.start)] * vs[kv8::SUB * c + u];
+          for (int64_t i = 0; i < kv8::GRP; ++i) {
+            float& a = acc[g * D + kv8::GRP * c + i];
+            a = std::fma(ws, float(sb[u * D + kv8::GRP * c + i]), a);
+          }
         }
-      }
   }
-  flush();
 }
 
 // Attention straight from the paged cache, one query row at a time, no gather: decode rows
@@ -563,9 +476,8 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
       const T* qrow = q + b * q_tok + h * G * D;
       if constexpr (INT8) {
         scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
-        float pmax[16 * 256];
-        softmax_rows(sc, it.end - it.start, G, max_keys, pmax);
-        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, pmax, acc, pf);
+        softmax_rows(sc, it.end - it.start, G, max_keys);
+        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc, pf);
       } else {
         scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
         softmax_rows(sc, it.end - it.start, G, max_keys);

@@ -9,8 +9,7 @@
 //   K: [D / 4][16 keys][4 dims] bytes holding q + 128 (unsigned): one 64-byte vector is 4
 //      dims of all 16 keys, the layout vpdpbusd multiplies by 4 broadcast query bytes, so a
 //      query's 16 scores come out in one register with no horizontal sums;
-//   V: [8 key pairs][D][2] bytes holding q (signed): two keys' values side by side, the
-//      operand of vpdpwssd once widened to int16 (attention.cpp's weighted sum);
+//   V: [16 keys][D] bytes holding q (signed): a key's row widens to float as it is summed;
 //   then both: [D / 32][16 keys] float32 scales d, a group's 16 scales one vector.
 #pragma once
 #include <cstdint>
@@ -46,17 +45,11 @@ inline void store_k(int8_t* sb, int64_t u, const float* x, int64_t D) {
   }
 }
 
-// The byte of key u's value at dim `dim` in a sub-block.
-inline int64_t v_index(int64_t u, int64_t dim, int64_t D) { return u / 2 * 2 * D + 2 * dim + u % 2; }
-
 // Value row x[0:D] at row u of sub-block sb.
 inline void store_v(int8_t* sb, int64_t u, const float* x, int64_t D) {
   float* scales = reinterpret_cast<float*>(sb + SUB * D);
-  for (int64_t g = 0; g < D / GRP; ++g) {
-    int8_t q[GRP];
-    tmk::quantize_group(x + g * GRP, q, &scales[g * SUB + u]);
-    for (int64_t i = 0; i < GRP; ++i) sb[v_index(u, g * GRP + i, D)] = q[i];
-  }
+  for (int64_t g = 0; g < D / GRP; ++g)
+    tmk::quantize_group(x + g * GRP, sb + u * D + g * GRP, &scales[g * SUB + u]);
 }
 
 }  // namespace tmk::kv8
