@@ -100,18 +100,21 @@ def _reference(q: torch.Tensor, cache: torch.Tensor, rows_tables: torch.Tensor,
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hk,d,bs,window", [(6, 2, 64, 16, None), (9, 3, 64, 32, 5),
-                                               (4, 4, 128, 16, None), (8, 2, 128, 16, 20),
-                                               (4, 1, 96, 16, None)])
+@pytest.mark.parametrize("hq,hk,d,bs,window,long", [
+    (6, 2, 64, 16, None, False), (9, 3, 64, 32, 5, False), (4, 4, 128, 16, None, False),
+    (8, 2, 128, 16, 20, False), (4, 1, 96, 16, None, False),
+    (6, 2, 64, 16, None, True), (4, 1, 96, 32, None, True)])
 def test_native_rows_equal_the_reference(hq: int, hk: int, d: int, bs: int,
-                                         window: int | None, dtype: torch.dtype) -> None:
+                                         window: int | None, long: bool, dtype: torch.dtype
+                                         ) -> None:
     gen = torch.Generator().manual_seed(0)
-    nb = 24
+    nb = 24 * (10 if long else 1)
     blocks = random.Random(1).sample(range(nb), nb)
     per = nb // 4
     tables = [blocks[i * per:(i + 1) * per] for i in range(4)]
-    # two decodes, a fresh prefill, a chunk of 6 over 50 cached keys (blocks scattered)
-    qlens, ctxs = [1, 1, 7, 6], [9, 40, 7, 56]
+    # two decodes, a fresh prefill, a chunk of 6 over 50 cached keys (blocks scattered); long:
+    # a decode over 600 keys and a chunk over 700
+    qlens, ctxs = ([1, 1, 7, 6], [600, 40, 7, 706] if long else [9, 40, 7, 56])
     backend = TorchPagedAttention()
     meta = backend.build_metadata(qlens, ctxs, tables, bs, window, torch.device("cpu"))
     rows = meta.rows
@@ -170,3 +173,22 @@ def test_int8_blocks_take_18_bytes_per_16_values() -> None:
     assert kv_bytes_per_token(model, torch.int8) == 30 * 2 * 3 * 72  # type: ignore[arg-type]
     assert kv_int8.block_bytes(16, 64) == 16 * 72 and kv_int8.block_size_of(
         torch.empty(2, 3, 5, kv_int8.block_bytes(32, 64), dtype=torch.int8), 64) == 32
+
+
+@native
+@pytest.mark.parametrize("d", [64, 96])
+def test_flat_attention_over_many_large_values(d: int) -> None:
+    """A zero query weighs 1,000 keys alike and every value is int8's largest: the output is
+    the value itself (the sums of 1,000 terms stay exact enough)."""
+    hq, hk, bs, n = 2, 1, 16, 1000
+    nb = -(-n // bs)
+    cache = torch.zeros(2, hk, nb, kv_int8.block_bytes(bs, d), dtype=torch.int8)
+    kv_int8.write(cache, torch.randn(n, hk, d), torch.full((n, hk, d), 3.0), torch.arange(n))
+    backend = TorchPagedAttention()
+    meta = backend.build_metadata([1], [n], [list(range(nb))], bs, None, torch.device("cpu"))
+    rows = meta.rows
+    kern = cpu_kernels()
+    assert rows is not None and kern is not None
+    out = kern.paged_decode(torch.zeros(1, hq, d), cache, rows.tables, rows.bounds,
+                            rows.max_keys, d ** -0.5, rows.seq)
+    torch.testing.assert_close(out, torch.full((1, hq, d), 3.0), rtol=1e-4, atol=1e-4)

@@ -133,9 +133,8 @@ inline float round_to(float v, const uint16_t*) {
 // The activations of the quantized matmuls (w4a8.cpp) and the int8 KV cache's rows (kv8.h);
 // the same float operations as layers/quant.py's `quantize_activations` and
 // layers/kv_int8.py's `quantize`, so those agree bit for bit (NaN inputs aside).
-inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
 #if defined(__AVX512F__)
-  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+inline int32_t quantize_group(__m512 a, __m512 b, int8_t* q, float* d) {  // the 32 values
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   *d = amax / 127.f;
   const __m512 id = _mm512_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
@@ -146,6 +145,19 @@ inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
   return _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+// The same from 32 bfloat16 values, widened in registers.
+inline int32_t quantize_group(const uint16_t* v, int8_t* q, float* d) {
+  auto widen = [](const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  };
+  return quantize_group(widen(v), widen(v + 16), q, d);
+}
+#endif
+inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
+#if defined(__AVX512F__)
+  return quantize_group(_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16), q, d);
 #else
   float amax = 0.f;
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
@@ -160,4 +172,11 @@ inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
   return s;
 #endif
 }
+#if !defined(__AVX512F__)
+inline int32_t quantize_group(const uint16_t* v, int8_t* q, float* d) {
+  float f[32];
+  for (int i = 0; i < 32; ++i) f[i] = bf16_to_float(v[i]);
+  return quantize_group(f, q, d);
+}
+#endif
 }  // namespace tmk

@@ -65,16 +65,14 @@ void quantize_rows(const T* x, int64_t x_stride, int64_t M, int64_t K, int8_t* x
                    int threads) {
   const int64_t G = K / GS;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= 8192)
-  for (int64_t mg = 0; mg < M * G; ++mg) {
-    const int64_t m = mg / G, g = mg % G;
-    const T* src = x + m * x_stride + g * GS;
-    float v[GS];
-    for (int64_t i = 0; i < GS; ++i) v[i] = to_float(src[i]);
-    const int32_t sum = tmk::quantize_group(v, xq + m * K + g * GS, &act[mg].d);
-    act[mg].dsum = act[mg].d * float(sum);
-    act[mg].corr = -8 * sum;
-    act[mg].corr8 = -128 * sum;
-  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {  // bfloat16 rows widen in registers, not through memory
+      Act& a = act[m * G + g];
+      const int32_t sum = tmk::quantize_group(x + m * x_stride + g * GS, xq + m * K + g * GS, &a.d);
+      a.dsum = a.d * float(sum);
+      a.corr = -8 * sum;
+      a.corr8 = -128 * sum;
+    }
 }
 
 inline int32_t quad(const int8_t* p) {  // 4 activations as the dword vpdpbusd broadcasts
