@@ -14,22 +14,20 @@ Order of operations, on float32 logits restricted to the first ``vocab_size`` co
 4. sampled rows: temperature, top_k, top_p, typical_p, min_p (HF warper semantics, in that
    order), then the Gumbel-max trick with counter-based noise.
 
-Randomness: the uniform for vocab column ``v`` of a row is a pure function of
-``(seed, step, v)`` (SplitMix64 in int64 tensor ops), with ``step = len(output_token_ids)``.
-So a request draws the same token whatever else is in the batch, wherever its row is, and on
-any device, and there is no ``torch.Generator`` state to carry between steps.
+Randomness is counter-based (``runner/sampling_rng.py``): a request draws the same token
+whatever else is in the batch. The per-step inputs are built in ``runner/sampling_metadata.py``.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
 
 import torch
 
 from tokenmill.kernels.cpu import cpu_kernels
-from tokenmill.protocol import SamplingParams, TokenLogprob
+from tokenmill.protocol import TokenLogprob
+from tokenmill.runner.sampling_metadata import SamplingMetadata, SamplingRow, build_metadata
+from tokenmill.runner.sampling_rng import column_counters, counter_uniform, row_key
 from tokenmill.runner.watermark import WatermarkBias
 
 __all__ = [
@@ -42,132 +40,6 @@ __all__ = [
     "row_key",
 ]
 
-# --------------------------------------------------------------------------------------------
-# Counter-based RNG (SplitMix64). Python ints for the per-row key, int64 tensors per element.
-# --------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-_SEED_SALT = 0x5851F42D4C957F2D
-_UNIFORM_BITS = 23  # (2m + 1) / 2**24 is exact in float32 for m < 2**23, and never 0 or 1
-
-
-def _to_int64(x: int) -> int:
-    """The signed int64 with the same 64 bits as ``x mod 2**64``."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64's output function on a Python int (exact, unsigned)."""
-    x &= _MASK64
-    x ^= x >> 30
-    x = (x * _MIX1) & _MASK64
-    x ^= x >> 27
-    x = (x * _MIX2) & _MASK64
-    return x ^ (x >> 31)
-
-
-def row_key(seed: int, step: int) -> int:
-    """The 64-bit stream key (as a signed int64 value) of one request at one decode step.
-
-    For a fixed seed, different steps give different keys (the mixer is a bijection), and
-    likewise for a fixed step and different seeds.
-    """
-    return _to_int64(_mix64(_mix64(seed ^ _SEED_SALT) + (step + 1) * _GOLDEN))
-
-
-def column_counters(vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(v + 1) * golden mod 2**64`` for every column, as int64: the SplitMix64 counters."""
-    v = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device)
-    return v.mul_(_to_int64(_GOLDEN))  # int64 multiplication wraps mod 2**64
-
-
-def counter_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1), float32 ``[B, V]``: element (b, v) = splitmix64(keys[b] + counters[v]).
-
-    Only integer ops: ``>>`` on int64 is arithmetic, so each shift is masked to make it
-    logical; multiplication wraps mod 2**64. The final xor-shift of SplitMix64 is skipped
-    because it does not touch the top 23 bits, which are the ones used.
-    """
-    x = keys[:, None] + counters[None, :]
-    t = torch.empty_like(x)
-    torch.bitwise_right_shift(x, 30, out=t)
-    x.bitwise_xor_(t.bitwise_and_((1 << 34) - 1))
-    x.mul_(_to_int64(_MIX1))
-    torch.bitwise_right_shift(x, 27, out=t)
-    x.bitwise_xor_(t.bitwise_and_((1 << 37) - 1))
-    x.mul_(_to_int64(_MIX2))
-    x.bitwise_right_shift_(64 - _UNIFORM_BITS).bitwise_and_((1 << _UNIFORM_BITS) - 1)
-    u = x.to(torch.float32)
-    return u.mul_(2.0 ** -_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))
-
-
-# --------------------------------------------------------------------------------------------
-# Data types
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class SamplingRow:
-    """One row of this step's batch, built by the model runner."""
-
-    params: SamplingParams
-    seed: int  # always set; 0 <= seed < 2**64
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # the token sampled now is number len(output_token_ids)
-    stop_token_ids: list[int]  # EOS ids + params.stop_token_ids, masked before min_new_tokens
-
-
-@dataclass
-class SamplingMetadata:
-    """Per-step tensors built by ``Sampler.prepare``. ``None`` marks an unused feature.
-
-    ``*_rows`` fields index rows of the sampled subset (``None``: all of them); flat indices
-    index the ``[num_rows * vocab_size]`` view of the batch's logits.
-    """
-
-    num_rows: int
-    # Penalties and masks on the whole batch.
-    rep_index: torch.Tensor | None = None  # flat (row, token) for prompt+output tokens
-    rep_penalty: torch.Tensor | None = None  # penalty per rep_index entry
-    add_index: torch.Tensor | None = None  # flat indices for frequency / presence penalties
-    add_value: torch.Tensor | None = None  # -(frequency) per occurrence, -(presence) per token
-    mask_index: torch.Tensor | None = None  # flat (row, stop id) masked by min_new_tokens
-    watermark_rows: torch.Tensor | None = None  # batch rows with watermark; None: all of them
-    watermark_keys: torch.Tensor | None = None  # [n] int64 hash keys of their previous tokens
-    # Sampled rows (temperature > 0).
-    num_sampled: int = 0
-    sample_rows: torch.Tensor | None = None  # batch rows that sample; None: all rows
-    keys: torch.Tensor | None = None  # [num_sampled] int64 RNG stream keys
-    temperature: torch.Tensor | None = None  # [num_sampled, 1]; None: all 1.0
-    # top_p rows, with their top_k: one descending sort (or top-M candidates on CPU).
-    nucleus_rows: torch.Tensor | None = None
-    nucleus_k: torch.Tensor | None = None  # [n, 1] top_k clamped to vocab_size; 0: none
-    nucleus_p: torch.Tensor | None = None  # [n, 1]; None: no row uses top_p
-    nucleus_k_max: int = 0
-    # top_k rows without top_p use torch.topk.
-    topk_rows: torch.Tensor | None = None
-    topk_pos: torch.Tensor | None = None  # [n, 1] k - 1; None: unused
-    topk_max: int = 0
-    typical_rows: torch.Tensor | None = None
-    typical_mass: torch.Tensor | None = None  # [n, 1]; None: unused
-    min_p_rows: torch.Tensor | None = None
-    min_p_log: torch.Tensor | None = None  # [n, 1] log(min_p); None: unused
-    # Logprobs (raw distribution).
-    logprob_rows: torch.Tensor | None = None  # batch rows that want logprobs; None: all
-    logprob_counts: list[int | None] | None = None  # per batch row; None: no row wants them
-    logprob_max: int = 0
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Every row takes the raw logits' argmax: nothing to penalize, mask, draw or score."""
-        return (self.num_sampled == 0 and self.logprob_counts is None and self.rep_index is None
-                and self.add_index is None and self.mask_index is None
-                and self.watermark_keys is None)
-
 
 @dataclass
 class SamplerOutput:
@@ -178,16 +50,6 @@ class SamplerOutput:
 # --------------------------------------------------------------------------------------------
 # Sampler
 # --------------------------------------------------------------------------------------------
-
-
-def _rows_or_all(idx: list[int], total: int, device: torch.device) -> torch.Tensor | None:
-    if len(idx) == total:
-        return None
-    return torch.tensor(idx, dtype=torch.int64, device=device)
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -223,106 +85,7 @@ class Sampler:
 
     def prepare(self, rows: list[SamplingRow]) -> SamplingMetadata:
         """Build this step's tensors. Only small per-row Python lists; no vocab-sized loops."""
-        dev, V, B = self.device, self.vocab_size, len(rows)
-        meta = SamplingMetadata(num_rows=B)
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=dev)
-
-        def flat_index(row_ids: list[int], token_lists: list[list[int]]) -> torch.Tensor:
-            """row * V + token for every token of each row's list; ids outside [0, V) dropped."""
-            lens = tensor([len(t) for t in token_lists])
-            toks = tensor(list(itertools.chain.from_iterable(token_lists)))
-            rws = torch.repeat_interleave(tensor(row_ids), lens)
-            keep = (toks >= 0) & (toks < V)
-            return (rws * V + toks)[keep]
-
-        # Repetition penalty (prompt + output).
-        rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        if rep:
-            idx = flat_index(rep, [rows[i].prompt_token_ids + rows[i].output_token_ids
-                                   for i in rep])
-            pen = torch.tensor([r.params.repetition_penalty for r in rows],
-                               dtype=torch.float32, device=dev)
-            if idx.numel():
-                meta.rep_index = idx
-                meta.rep_penalty = pen[torch.div(idx, V, rounding_mode="floor")]
-
-        # Frequency / presence penalties (output only).
-        fp = [i for i, r in enumerate(rows)
-              if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
-              and r.output_token_ids]
-        if fp:
-            occ = flat_index(fp, [rows[i].output_token_ids for i in fp])
-            uniq = torch.unique(occ)
-            freq = torch.tensor([-r.params.frequency_penalty for r in rows],
-                                dtype=torch.float32, device=dev)
-            pres = torch.tensor([-r.params.presence_penalty for r in rows],
-                                dtype=torch.float32, device=dev)
-            meta.add_index = torch.cat([occ, uniq])
-            meta.add_value = torch.cat([freq[torch.div(occ, V, rounding_mode="floor")],
-                                        pres[torch.div(uniq, V, rounding_mode="floor")]])
-
-        # min_new_tokens: mask stop ids.
-        ms = [i for i, r in enumerate(rows)
-              if len(r.output_token_ids) < r.params.min_new_tokens and r.stop_token_ids]
-        if ms:
-            idx = flat_index(ms, [rows[i].stop_token_ids for i in ms])
-            if idx.numel():
-                meta.mask_index = idx
-
-        # Watermark: keyed by each row's previous token (the prompt's last one at first).
-        wm = [i for i, r in enumerate(rows) if r.params.watermark]
-        if wm:
-            meta.watermark_rows = _rows_or_all(wm, B, dev)
-            meta.watermark_keys = self.watermark.keys(
-                [(rows[i].output_token_ids or rows[i].prompt_token_ids or [0])[-1] for i in wm],
-                dev)
-
-        # Sampled rows and their filters (indices relative to the sampled subset).
-        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        ns = len(sampled)
-        meta.num_sampled = ns
-        if ns:
-            meta.sample_rows = _rows_or_all(sampled, B, dev)
-            srows = [rows[i] for i in sampled]
-            meta.keys = tensor([row_key(r.seed, len(r.output_token_ids)) for r in srows])
-            if any(r.params.temperature != 1.0 for r in srows):
-                meta.temperature = _column([r.params.temperature for r in srows], dev)
-
-            top_p = [j for j, r in enumerate(srows) if r.params.top_p < 1.0]
-            if top_p:
-                meta.nucleus_rows = _rows_or_all(top_p, ns, dev)
-                ks = [min(srows[j].params.top_k, V) for j in top_p]
-                meta.nucleus_k = tensor(ks).unsqueeze(1)
-                meta.nucleus_k_max = max(ks)
-                meta.nucleus_p = _column([srows[j].params.top_p for j in top_p], dev)
-
-            top_k = [j for j, r in enumerate(srows)
-                     if 0 < r.params.top_k < V and r.params.top_p >= 1.0]
-            if top_k:
-                meta.topk_rows = _rows_or_all(top_k, ns, dev)
-                ks = [srows[j].params.top_k for j in top_k]
-                meta.topk_pos = tensor([k - 1 for k in ks]).unsqueeze(1)
-                meta.topk_max = max(ks)
-
-            typical = [j for j, r in enumerate(srows) if r.params.typical_p < 1.0]
-            if typical:
-                meta.typical_rows = _rows_or_all(typical, ns, dev)
-                meta.typical_mass = _column([srows[j].params.typical_p for j in typical], dev)
-
-            min_p = [j for j, r in enumerate(srows) if r.params.min_p > 0.0]
-            if min_p:
-                meta.min_p_rows = _rows_or_all(min_p, ns, dev)
-                meta.min_p_log = _column([math.log(srows[j].params.min_p) for j in min_p], dev)
-
-        # Logprobs.
-        lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if lp:
-            meta.logprob_rows = _rows_or_all(lp, B, dev)
-            meta.logprob_counts = [r.params.logprobs for r in rows]
-            meta.logprob_max = min(max(r.params.logprobs or 0 for r in rows), V)
-        return meta
+        return build_metadata(rows, self.vocab_size, self.device, self.watermark)
 
     # ---------------------------------------------------------------- logits processing
 
