@@ -87,8 +87,7 @@ def shape_folder(name: str, root: Path) -> Path:
 
 
 def weight_bytes(llm: LLM) -> int:
-    model: Any = llm.engine.core.runner  # BatchRecorder -> ModelRunner
-    model = getattr(model, "runner", model).model
+    model = llm.model
     seen: set[int] = set()
     total = 0
     for p in model.parameters():  # tied embeddings once

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.frontend.llm_engine import LLMEngine
 from tokenmill.frontend.outputs import RequestOutput
 from tokenmill.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.models.llama import LlamaForCausalLM
 
 Prompt = str | list[int]
 
@@ -21,6 +24,12 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model_id=model_id, **kwargs)
         self.engine = LLMEngine.from_config(self.config)
         self.tokenizer = self.engine.tokenizer
+
+    @property
+    def model(self) -> LlamaForCausalLM:
+        """The loaded model, for benchmarks and tests that read its shapes or parameters."""
+        model: LlamaForCausalLM = self.engine.core.runner.model  # type: ignore[attr-defined]
+        return model
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

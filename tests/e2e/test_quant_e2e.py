@@ -81,7 +81,7 @@ def test_w4a8_generates_through_the_fused_stack(monkeypatch: pytest.MonkeyPatch)
     llm = LLM(dtype="bfloat16", device="cpu", quantize="w4a8", max_batch_total_tokens=4096)
     fused = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert len(calls) >= 16 and all(len(t) == 16 for t in fused)
-    llm.engine.core.runner.model.fused_stack = None  # type: ignore[attr-defined]
+    llm.model.fused_stack = None
     calls.clear()
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == fused
     assert not calls
