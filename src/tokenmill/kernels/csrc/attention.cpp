@@ -23,24 +23,7 @@ using tmk::round_to;
 using tmk::store;
 
 #if defined(__AVX512BF16__)
-// 16 vectors of 16 floats -> one vector of their 16 sums (r[j] = sum of v[j]): pairwise
-// unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes; 24 shuffles and adds
-// for 16 sums instead of a horizontal sum (~8 ops) each.
-inline __m512 sum16(const __m512 (&v)[16]) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
+inline __m512 sum16(const __m512 (&v)[16]) { return tmk::reduce16(v, tmk::vadd); }
 
 // Scores of one bfloat16 query row against rows j_lo..j_hi-1 (< 16) of a block of keys
 // (row stride DC): vdpbf16ps on the stored bfloat16 values, float32 sums, written to

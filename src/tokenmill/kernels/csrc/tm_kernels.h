@@ -134,6 +134,35 @@ inline float round_to(float v, const uint16_t*) {
 // the same float operations as layers/quant.py's `quantize_activations` and
 // layers/kv_int8.py's `quantize`, so those agree bit for bit (NaN inputs aside).
 #if defined(__AVX512F__)
+// 16 vectors of 16 floats -> one vector whose lane j is v[j]'s lanes combined by `op` (add or
+// max): pairwise unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes; 24
+// shuffles and ops for 16 results instead of a horizontal reduction (~8 ops, a long latency
+// chain) each.
+template <typename Op>
+inline __m512 reduce16(const __m512 (&v)[16], Op op) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = op(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = op(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+              _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x0 = op(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x1 = op(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return op(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+            _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m512 vmax(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+
+// 16 floats from float or bfloat16 storage.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 inline int32_t quantize_group(__m512 a, __m512 b, int8_t* q, float* d) {  // the 32 values
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
   *d = amax / 127.f;
@@ -148,11 +177,7 @@ inline int32_t quantize_group(__m512 a, __m512 b, int8_t* q, float* d) {  // the
 }
 // The same from 32 bfloat16 values, widened in registers.
 inline int32_t quantize_group(const uint16_t* v, int8_t* q, float* d) {
-  auto widen = [](const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  };
-  return quantize_group(widen(v), widen(v + 16), q, d);
+  return quantize_group(load16(v), load16(v + 16), q, d);
 }
 #endif
 inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
