@@ -16,6 +16,7 @@ import torch
 
 from pytest_child import run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
+from tokenmill.layers import triton_attention as ta
 from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
 from tokenmill.layers.triton_attention import (
     BLOCK_Q_PREFILL,
@@ -111,6 +112,29 @@ def test_interpreted_kernel_matches_torch(step: tuple[list[int], list[int]],
 
 
 @interpreted
+@pytest.mark.parametrize("window", [None, 600])
+@pytest.mark.parametrize("sms", [4, 32])
+def test_interpreted_split_keys_match_torch(window: int | None, sms: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode rows over long contexts with few (sequence, KV head) programs: the keys are
+    split over several programs per pair (flash-decoding) and merged; a window moves each
+    split's range. `sms` stands for the GPU's SM count, which sets how many splits."""
+    monkeypatch.setattr(ta, "_sm_count", lambda device: sms)
+    qlens, ctxs = [1, 1], [700, 1300]
+    keys = min(max(ctxs), window or max(ctxs))
+    assert ta.decode_splits(2 * 2, keys, torch.device("cpu")) == (2 if sms == 4 else keys // 256)
+    _compare(qlens, ctxs, 6, 2, 64, 16, window, torch.float32, torch.device("cpu"))
+
+
+def test_split_counts() -> None:
+    cpu = torch.device("cpu")  # 4 "SMs" for the interpreter: 8 programs wanted
+    assert ta.decode_splits(8, 10_000, cpu) == 1  # the batch fills the GPU
+    assert ta.decode_splits(2, 100, cpu) == 1  # too few keys to share
+    assert ta.decode_splits(2, 10_000, cpu) == 4
+    assert ta.decode_splits(1, 100_000, cpu) == 8
+
+
+@interpreted
 @pytest.mark.parametrize("d, bs", [(80, 16), (32, 8)])
 def test_interpreted_kernel_odd_shapes(d: int, bs: int) -> None:
     """A head dim that is not a power of two, bfloat16 storage, another block size."""
@@ -143,9 +167,11 @@ def test_kernel_compiles_for_sm90(dtype: str, block_q: int, tmp_path: Path,
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = ta._kernel()
     ptr = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "o_ptr": dtype, "tables_ptr": "i32",
-           "qblocks_ptr": "i32", "seqs_ptr": "i32"}
+           "qblocks_ptr": "i32", "seqs_ptr": "i32", "part_ptr": "fp32", "m_ptr": "fp32",
+           "l_ptr": "fp32"}
     consts = {"BLOCK_Q": block_q, "G_PAD": 4, "M": max(16, 4 * block_q), "BLOCK_N": ta.BLOCK_N,
-              "D_PAD": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+              "D_PAD": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+              "SPLIT": block_q == 1}  # decode programs compiled with split keys
     sig = {n: f"*{ptr[n]}" if n in ptr else "constexpr" if n in consts
            else "fp32" if n == "scale" else "i32" for n in kernel.arg_names}
     src = ASTSource(kernel, sig, constexprs={n: consts[n] for n in sig if n in consts})

@@ -65,6 +65,7 @@ class DeviceRows:
     tables: torch.Tensor  # [S, max_blocks] block ids, padded with 0
     block_q: int  # query tokens per program
     window: int  # sliding window, 0 for none
+    max_keys: int = 0  # a decode step's longest key range (host int): split-key decisions
 
 
 @dataclass

@@ -11,6 +11,13 @@ BLOCK_N at a time, looking each key's slot up in the block table, with flash att
 online softmax in float32, from the first key its rows may see (a sliding window skips the
 earlier ones) to the last (causal).
 
+Split keys (flash-decoding): a decode step with too few (sequence, KV head) programs to fill
+the GPU (small batch, long contexts) runs `splits` programs per pair, each over its share of
+the keys; they write unnormalized partial sums with their softmax maximum and sum, and
+`_combine` merges them (a few torch ops, no host sync). `decode_splits` picks the count on
+the host from the batch, the longest key range (`DeviceRows.max_keys`) and the GPU's SM
+count. CUDA graphs are recorded without splits; a step that wants them runs eagerly.
+
 triton is optional (not a project dependency): `TritonPagedAttention` is chosen for CUDA only
 when it imports. The tests run the kernel in triton's CPU interpreter against the torch path.
 """
@@ -32,6 +39,8 @@ tl: Any = None
 BLOCK_N = 32  # keys per step of the walk
 BLOCK_Q_PREFILL = 16  # query tokens per program in a step with a prefill
 MIN_ROWS = 16  # tl.dot wants every tile dimension >= 16
+SPLIT_MIN_KEYS = 256  # a split-key program walks at least this many keys
+MAX_SPLITS = 32
 
 
 @functools.cache
@@ -42,13 +51,15 @@ def _kernel() -> Any:
 
     @triton.jit
     def paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, qblocks_ptr, seqs_ptr,
-                        scale, window, G, D, BS,
+                        part_ptr, m_ptr, l_ptr,
+                        scale, window, G, D, BS, T, HQ, n_splits,
                         sqt, sqh, skh, skb, sko, svh, svb, svo, sot, soh, st,
                         BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, M: tl.constexpr,
                         BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, SPLIT: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         seq = tl.load(qblocks_ptr + 2 * pid)
         first = tl.load(qblocks_ptr + 2 * pid + 1)  # the block's first query, within its sequence
         q_start = tl.load(seqs_ptr + 3 * seq)  # the sequence's first row in the flat batch
@@ -75,6 +86,10 @@ def _kernel() -> Any:
         if window > 0:
             lo = tl.maximum(ctx - q_len + first - window + 1, 0)
         lo = lo // BLOCK_N * BLOCK_N
+        if SPLIT:  # this program's share of [lo, hi), whole BLOCK_N steps
+            chunk = tl.cdiv(tl.cdiv(hi - lo, n_splits), BLOCK_N) * BLOCK_N
+            lo = lo + split * chunk
+            hi = tl.minimum(hi, lo + chunk)
 
         m_i = tl.full((M,), float("-inf"), tl.float32)
         l_i = tl.zeros((M,), tl.float32)
@@ -106,9 +121,16 @@ def _kernel() -> Any:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + row[:, None] * sot + head[:, None] * soh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if SPLIT:  # unnormalized, with the running max and sum, for _combine
+            part = (split * T + row) * HQ + head  # [splits, T, Hq] flat
+            tl.store(part_ptr + part[:, None] * D_PAD + offs_d[None, :], acc,
+                     mask=row_ok[:, None])
+            tl.store(m_ptr + part, m_i, mask=row_ok)
+            tl.store(l_ptr + part, l_i, mask=row_ok)
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptr + row[:, None] * sot + head[:, None] * soh + offs_d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     return paged_attention
 
@@ -129,16 +151,51 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
         return out
     k, v = kv_cache[0], kv_cache[1]
     assert k.stride(3) == 1 and q.stride(2) == 1
-    grid = (rows.qblocks.shape[0], hk)
-    g_pad = _next_pow2(g)
-    _kernel()[grid](q, k, v, out, rows.tables, rows.qblocks, rows.seqs, scale,
-                    rows.window, g, d, bs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
-                    out.stride(1), rows.tables.stride(0), BLOCK_Q=rows.block_q,
+    n = decode_splits(rows.qblocks.shape[0] * hk, rows.max_keys, q.device) \
+        if rows.block_q == 1 else 1
+    grid = (rows.qblocks.shape[0], hk, n)
+    g_pad, d_pad = _next_pow2(g), max(16, _next_pow2(d))
+    part = top = total = out  # unused without splits
+    if n > 1:  # rows no program writes merge to zeros
+        part = torch.zeros(n, t, hq, d_pad, dtype=torch.float32, device=q.device)
+        top = torch.full((n, t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        total = torch.zeros(n, t, hq, dtype=torch.float32, device=q.device)
+    _kernel()[grid](q, k, v, out, rows.tables, rows.qblocks, rows.seqs, part, top, total, scale,
+                    rows.window, g, d, bs, t, hq, n, q.stride(0), q.stride(1), k.stride(0),
+                    k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                    out.stride(0), out.stride(1), rows.tables.stride(0), BLOCK_Q=rows.block_q,
                     G_PAD=g_pad, M=max(MIN_ROWS, rows.block_q * g_pad), BLOCK_N=BLOCK_N,
-                    D_PAD=max(16, _next_pow2(d)), UPCAST=interpreted(),
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32
+                    D_PAD=d_pad, UPCAST=interpreted(),
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no TF32
+                    SPLIT=n > 1)
+    if n > 1:
+        out.copy_(_combine(part, top, total)[..., :d])
     return out
+
+
+def _combine(part: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Merge split-key partials [splits, T, Hq, D] (each relative to its own softmax maximum,
+    with its own sum) into the softmax-weighted output [T, Hq, D], float32."""
+    top = maxes.amax(0)
+    w = torch.where(maxes == float("-inf"), 0.0, torch.exp(maxes - top.clamp_min(-1e30)))
+    total = (w * sums).sum(0)
+    return (w[..., None] * part).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # triton's CPU interpreter (tests)
+
+
+def decode_splits(programs: int, max_keys: int, device: torch.device) -> int:
+    """Key splits per (sequence, KV head) of a decode step: enough programs for two per SM
+    when the batch alone does not give them, each walking at least SPLIT_MIN_KEYS keys."""
+    want = 2 * _sm_count(device)
+    if programs >= want:
+        return 1
+    return max(1, min(-(-want // max(programs, 1)), max_keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
 class TritonPagedAttention(TorchPagedAttention):
@@ -207,5 +264,7 @@ def build_device_rows(query_lens: list[int], context_lens: list[int],
     def tensor(x: list[Any], cols: int) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int32).view(-1, cols).to(device, non_blocking=True)
 
+    keys = max(context_lens, default=0)
     return DeviceRows(qblocks=tensor(qblocks, 2), seqs=tensor(seqs, 3),
-                      tables=tensor(tables, width), block_q=block_q, window=window or 0)
+                      tables=tensor(tables, width), block_q=block_q, window=window or 0,
+                      max_keys=min(keys, window) if window else keys)

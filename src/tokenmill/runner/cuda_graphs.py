@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tokenmill.layers.attention import AttentionMetadata, DeviceRows
+from tokenmill.layers.triton_attention import decode_splits
 
 logger = logging.getLogger("tokenmill.cuda_graphs")
 
@@ -37,6 +38,7 @@ class DecodeGraphs:
         self.buckets = sorted(set(buckets))
         self.eager = eager
         self.window = window or 0
+        self.num_kv_heads = int(model.cfg.num_kv_heads)  # type: ignore[union-attr, arg-type]
         n = self.buckets[-1]
         self.ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -97,8 +99,9 @@ class DecodeGraphs:
         n = ids.shape[0]
         b = self.bucket(n)
         if (rows is None or b is None or b not in self._run or rows.block_q != 1
-                or rows.qblocks.shape[0] != n or rows.tables.shape[1] > self.tables.shape[1]):
-            return None
+                or rows.qblocks.shape[0] != n or rows.tables.shape[1] > self.tables.shape[1]
+                or decode_splits(n * self.num_kv_heads, rows.max_keys, self.device) > 1):
+            return None  # (the graphs are recorded without split keys: long contexts, eager)
         self.ids[:n].copy_(ids)
         self.positions[:n].copy_(positions)
         self.slots[:n].copy_(meta.slot_mapping)
