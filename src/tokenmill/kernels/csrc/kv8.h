@@ -13,6 +13,7 @@
 //   then both: [D / 32][16 keys] float32 scales d, a group's 16 scales one vector.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "tm_kernels.h"
 
@@ -38,9 +39,11 @@ inline void store_k(int8_t* sb, int64_t u, const float* x, int64_t D) {
   for (int64_t g = 0; g < D / GRP; ++g) {
     int8_t q[GRP];
     tmk::quantize_group(x + g * GRP, q, &scales[g * SUB + u]);
-    for (int64_t i = 0; i < GRP; ++i) {
-      const int64_t dim = g * GRP + i;
-      sb[(dim / 4) * 64 + u * 4 + dim % 4] = int8_t(uint8_t(int32_t(q[i]) + 128));
+    for (int64_t j = 0; j < GRP / 4; ++j) {  // 4 dims at a time: one dword of a vector
+      uint32_t quad;
+      std::memcpy(&quad, q + 4 * j, 4);
+      quad ^= 0x80808080u;  // q + 128 in each byte
+      std::memcpy(sb + (g * GRP / 4 + j) * 64 + u * 4, &quad, 4);
     }
   }
 }
