@@ -10,30 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.splitmix import GOLDEN, MIX1, MIX2, mix64, to_int64
+
 __all__ = ["column_counters", "counter_uniform", "row_key"]
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 _SEED_SALT = 0x5851F42D4C957F2D
 _UNIFORM_BITS = 23  # (2m + 1) / 2**24 is exact in float32 for m < 2**23, and never 0 or 1
-
-
-def _to_int64(x: int) -> int:
-    """The signed int64 with the same 64 bits as ``x mod 2**64``."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64's output function on a Python int (exact, unsigned)."""
-    x &= _MASK64
-    x ^= x >> 30
-    x = (x * _MIX1) & _MASK64
-    x ^= x >> 27
-    x = (x * _MIX2) & _MASK64
-    return x ^ (x >> 31)
 
 
 def row_key(seed: int, step: int) -> int:
@@ -42,13 +24,13 @@ def row_key(seed: int, step: int) -> int:
     For a fixed seed, different steps give different keys (the mixer is a bijection), and
     likewise for a fixed step and different seeds.
     """
-    return _to_int64(_mix64(_mix64(seed ^ _SEED_SALT) + (step + 1) * _GOLDEN))
+    return to_int64(mix64(mix64(seed ^ _SEED_SALT) + (step + 1) * GOLDEN))
 
 
 def column_counters(vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``(v + 1) * golden mod 2**64`` for every column, as int64: the SplitMix64 counters."""
     v = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=device)
-    return v.mul_(_to_int64(_GOLDEN))  # int64 multiplication wraps mod 2**64
+    return v.mul_(to_int64(GOLDEN))  # int64 multiplication wraps mod 2**64
 
 
 def counter_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
@@ -62,10 +44,10 @@ def counter_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     t = torch.empty_like(x)
     torch.bitwise_right_shift(x, 30, out=t)
     x.bitwise_xor_(t.bitwise_and_((1 << 34) - 1))
-    x.mul_(_to_int64(_MIX1))
+    x.mul_(to_int64(MIX1))
     torch.bitwise_right_shift(x, 27, out=t)
     x.bitwise_xor_(t.bitwise_and_((1 << 37) - 1))
-    x.mul_(_to_int64(_MIX2))
+    x.mul_(to_int64(MIX2))
     x.bitwise_right_shift_(64 - _UNIFORM_BITS).bitwise_and_((1 << _UNIFORM_BITS) - 1)
     u = x.to(torch.float32)
     return u.mul_(2.0 ** -_UNIFORM_BITS).add_(2.0 ** -(_UNIFORM_BITS + 1))

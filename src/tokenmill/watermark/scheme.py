@@ -27,6 +27,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokenmill.splitmix import GOLDEN, mix64
+
 __all__ = [
     "HASH_KEY",
     "WatermarkScore",
@@ -41,32 +43,18 @@ __all__ = [
 HASH_KEY = 15485863  # TGI's hash_key (the millionth prime), multiplied by the previous token
 GREEN_BITS = 23  # bits of the hash compared with the threshold (as the sampler's uniforms)
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 _SALT = 0x2545F4914F6CDD1D  # keeps these keys apart from the sampler's (seed, step) keys
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64's output function on a Python int (unsigned 64-bit)."""
-    x &= _MASK64
-    x ^= x >> 30
-    x = (x * _MIX1) & _MASK64
-    x ^= x >> 27
-    x = (x * _MIX2) & _MASK64
-    return x ^ (x >> 31)
 
 
 def prev_key(prev: int) -> int:
     """The hash stream key of one previous token id, as a signed int64 value (torch's int64)."""
-    k = _mix64(_mix64(HASH_KEY * prev + _SALT))
+    k = mix64(mix64(HASH_KEY * prev + _SALT))
     return k - (1 << 64) if k >= (1 << 63) else k
 
 
 def green_bits(prev: int, token: int) -> int:
     """The top GREEN_BITS bits of the hash of (prev, token): uniform in [0, 2**GREEN_BITS)."""
-    return _mix64(prev_key(prev) + (token + 1) * _GOLDEN) >> (64 - GREEN_BITS)
+    return mix64(prev_key(prev) + (token + 1) * GOLDEN) >> (64 - GREEN_BITS)
 
 
 def green_threshold(gamma: float) -> int:

@@ -86,47 +86,34 @@ inline void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const
                    int64_t N, float* y, int t) {
   tm_w4a8_matmul_f32(x, K, M, K, w, s, N, y, N, t);
 }
-// Rotary + cache write and attention over the cache whatever its element: the model's T, or
-// int8 (bytes).
-template <typename E>
-inline int64_t rope(uint16_t* qkv, const Stack& c, const Step& s, E* kc, E* vc) {
-  auto f = [] {
-    if constexpr (std::is_same_v<E, int8_t>) return tm_rope_kv8_bf16;
-    else return tm_rope_kv_bf16;
-  }();
-  return f(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions, c.n_positions,
-           static_cast<const uint16_t*>(c.cos), static_cast<const uint16_t*>(c.sin), kc, vc,
-           c.kv_head, c.bs, s.slots, s.threads);
+// Rotary + cache write and attention for activations T (bfloat16 bits or float) over a cache
+// of element E: T, or int8 (bytes).
+template <typename T, typename E>
+inline int64_t rope(T* qkv, const Stack& c, const Step& s, E* kc, E* vc) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>, int8 = std::is_same_v<E, int8_t>;
+  int64_t (*fn)(T*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                const T*, const T*, E*, E*, int64_t, int64_t, const int64_t*, int);
+  if constexpr (bf16 && int8) fn = tm_rope_kv8_bf16;
+  else if constexpr (bf16) fn = tm_rope_kv_bf16;
+  else if constexpr (int8) fn = tm_rope_kv8_f32;
+  else fn = tm_rope_kv_f32;
+  return fn(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions, c.n_positions,
+            static_cast<const T*>(c.cos), static_cast<const T*>(c.sin), kc, vc, c.kv_head,
+            c.bs, s.slots, s.threads);
 }
-template <typename E>
-inline int64_t rope(float* qkv, const Stack& c, const Step& s, E* kc, E* vc) {
-  auto f = [] {
-    if constexpr (std::is_same_v<E, int8_t>) return tm_rope_kv8_f32;
-    else return tm_rope_kv_f32;
-  }();
-  return f(qkv, (c.Hq + 2 * c.Hk) * c.D, s.M, c.Hq, c.Hk, c.D, s.positions, c.n_positions,
-           static_cast<const float*>(c.cos), static_cast<const float*>(c.sin), kc, vc,
-           c.kv_head, c.bs, s.slots, s.threads);
-}
-template <typename E>
-inline void attend(const uint16_t* qkv, uint16_t* out, const E* kc, const E* vc,
-                   const Stack& c, const Step& s) {
-  auto f = [] {
-    if constexpr (std::is_same_v<E, int8_t>) return tm_paged_decode_kv8_bf16;
-    else return tm_paged_decode_bf16;
-  }();
-  f(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D, s.tables, s.table_stride,
-    s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
-}
-template <typename E>
-inline void attend(const float* qkv, float* out, const E* kc, const E* vc, const Stack& c,
+template <typename T, typename E>
+inline void attend(const T* qkv, T* out, const E* kc, const E* vc, const Stack& c,
                    const Step& s) {
-  auto f = [] {
-    if constexpr (std::is_same_v<E, int8_t>) return tm_paged_decode_kv8_f32;
-    else return tm_paged_decode_f32;
-  }();
-  f(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D, s.tables, s.table_stride,
-    s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>, int8 = std::is_same_v<E, int8_t>;
+  void (*fn)(const T*, int64_t, T*, const E*, const E*, int64_t, int64_t, int64_t,
+             const int64_t*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
+             float, float*, int64_t, int);
+  if constexpr (bf16 && int8) fn = tm_paged_decode_kv8_bf16;
+  else if constexpr (bf16) fn = tm_paged_decode_bf16;
+  else if constexpr (int8) fn = tm_paged_decode_kv8_f32;
+  else fn = tm_paged_decode_f32;
+  fn(qkv, (c.Hq + 2 * c.Hk) * c.D, out, kc, vc, c.kv_head, c.bs, c.D, s.tables, s.table_stride,
+     s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
 }
 
 inline void silu_mul(const uint16_t* gu, uint16_t* act, int64_t M, int64_t I, int t) {
