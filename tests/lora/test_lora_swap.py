@@ -96,3 +96,21 @@ def test_cpu_steps_run_the_native_kernel_and_match_the_torch_path(llm, monkeypat
     monkeypatch.setattr(punica, "cpu_kernels", lambda: None)
     calls.clear()
     assert run(eng, rows) == native and not calls
+
+
+def test_lora_rows_over_the_int8_kv_cache(adapter_dirs) -> None:
+    """`--kv-cache-dtype int8` with w4a8 and adapters: a step with LoRA rows runs layer by
+    layer, one without them through the fused stack, both over the int8 cache; each request's
+    tokens alone equal its tokens in a mixed batch, and the adapters still change them."""
+    from tokenmill.llm import LLM
+
+    llm = LLM(dtype="bfloat16", quantize="w4a8", kv_cache_dtype="int8",
+              max_batch_total_tokens=4096,
+              lora_adapters=[f"{n}={adapter_dirs[n]}" for n in ("all8", "o2")])
+    eng = llm.engine
+    rows = [(i, a) for i in range(2) for a in (None, "all8", "o2")]
+    solo = {}
+    for row in rows:
+        solo.update(run(eng, [row]))
+    assert run(eng, rows) == solo
+    assert len({tuple(v) for (i, _), v in solo.items() if i == 0}) == 3
