@@ -42,7 +42,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one forward pass")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-dtype", default=_env_default("--kv-cache-dtype", str, "auto"),
-                   help="auto: the model's dtype; int8 (CPU): K and V rounded to int8 per "
+                   help="auto: the model's dtype; int8: K and V rounded to int8 per "
                         "group of 32 as llama.cpp's q8_0 cache, half the memory and faster "
                         "attention, slightly less exact")
     g.add_argument("--lora-adapters", default=_env_default("--lora-adapters", str, None),

@@ -22,7 +22,7 @@ class CacheConfig:
     memory_fraction: float = 0.3
     enable_prefix_caching: bool = True
     # "auto": the model's dtype; "int8": rows quantized per group of 32 as llama.cpp's q8_0
-    # (layers/kv_int8.py; CPU). TGI's fp8 formats are refused with a pointer to int8.
+    # (layers/kv_int8.py). TGI's fp8 formats are refused with a pointer to int8.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -30,7 +30,7 @@ class CacheConfig:
             raise ValueError("block_size must be a power of two")
         if self.kv_cache_dtype.startswith("fp8"):
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; "
-                             "int8 (CPU) halves the cache as fp8 would")
+                             "int8 halves the cache as fp8 would")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache dtype {self.kv_cache_dtype!r}; "
                              f"available: {', '.join(KV_CACHE_DTYPES)}")

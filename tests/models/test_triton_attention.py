@@ -16,6 +16,7 @@ import torch
 
 from pytest_child import run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
+from tokenmill.layers import kv_int8
 from tokenmill.layers import triton_attention as ta
 from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
 from tokenmill.layers.triton_attention import (
@@ -64,7 +65,7 @@ def test_backend_choice() -> None:
 
 
 def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
-          dtype: torch.dtype, device: torch.device
+          dtype: torch.dtype, device: torch.device, kv8: bool = False
           ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     per_seq = [-(-c // bs) for c in ctxs]
@@ -75,14 +76,20 @@ def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int
         tables.append(ids[at:at + n])
         at += n
     cache = torch.randn(2, hk, n_blocks, bs, d, generator=gen).to(dtype).to(device)
+    if kv8:  # the same values in the int8 cache's layout
+        flat = cache.view(2, hk, n_blocks * bs, d).transpose(1, 2)
+        cache = torch.zeros(2, hk, n_blocks, kv_int8.block_bytes(bs, d), dtype=torch.int8,
+                            device=device)
+        kv_int8.write(cache, flat[0], flat[1], torch.arange(n_blocks * bs, device=device))
     t = sum(qlens)
     q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype).to(device) for h in (hq, hk, hk))
     return tables, cache, q, k, v
 
 
 def _compare(qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
-             window: int | None, dtype: torch.dtype, device: torch.device) -> None:
-    tables, cache, q, k, v = _step(0, qlens, ctxs, hq, hk, d, bs, dtype, device)
+             window: int | None, dtype: torch.dtype, device: torch.device,
+             kv8: bool = False) -> None:
+    tables, cache, q, k, v = _step(0, qlens, ctxs, hq, hk, d, bs, dtype, device, kv8)
     scale = d ** -0.5
     tri, ref = TritonPagedAttention(), TorchPagedAttention()
     meta = tri.build_metadata(qlens, ctxs, tables, bs, window, device)
@@ -109,6 +116,18 @@ DECODE = ([1, 1, 1], [5, 17, 33])
 def test_interpreted_kernel_matches_torch(step: tuple[list[int], list[int]],
                                           heads: tuple[int, int], window: int | None) -> None:
     _compare(*step, *heads, 64, 4, window, torch.float32, torch.device("cpu"))
+
+
+@interpreted
+@pytest.mark.parametrize("step", [MIXED, DECODE, ([1, 1], [700, 1300])],
+                         ids=["mixed", "decode", "split"])
+@pytest.mark.parametrize("d, bs, window", [(64, 16, None), (96, 32, 5), (128, 16, 20)])
+def test_interpreted_int8_cache_matches_torch(step: tuple[list[int], list[int]], d: int,
+                                              bs: int, window: int | None) -> None:
+    """The int8 KV cache (`--kv-cache-dtype int8`) read by the kernel, dequantized as it
+    loads, against the torch path's dequantizing gather over the same bytes; decode, prefill,
+    windows, and split keys over long contexts."""
+    _compare(*step, 6, 2, d, bs, window, torch.float32, torch.device("cpu"), kv8=True)
 
 
 @interpreted
@@ -154,7 +173,8 @@ def test_ptx_compile_in_a_child() -> None:
 @in_ptx_child
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("block_q", [1, BLOCK_Q_PREFILL])
-def test_kernel_compiles_for_sm90(dtype: str, block_q: int, tmp_path: Path,
+@pytest.mark.parametrize("kv8", [False, True], ids=["cache", "int8-cache"])
+def test_kernel_compiles_for_sm90(dtype: str, block_q: int, kv8: bool, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU needed: ahead-of-time compilation to PTX catches what the interpreter does not
     check (tl.dot shapes and dtypes, constexpr handling), and shows the tensor cores used."""
@@ -166,12 +186,14 @@ def test_kernel_compiles_for_sm90(dtype: str, block_q: int, tmp_path: Path,
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = ta._kernel()
-    ptr = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "o_ptr": dtype, "tables_ptr": "i32",
+    cache = "i8" if kv8 else dtype
+    ptr = {"q_ptr": dtype, "k_ptr": cache, "v_ptr": cache, "o_ptr": dtype, "tables_ptr": "i32",
            "qblocks_ptr": "i32", "seqs_ptr": "i32", "part_ptr": "fp32", "m_ptr": "fp32",
-           "l_ptr": "fp32"}
+           "l_ptr": "fp32", "ks_ptr": "fp32", "vs_ptr": "fp32"}
     consts = {"BLOCK_Q": block_q, "G_PAD": 4, "M": max(16, 4 * block_q), "BLOCK_N": ta.BLOCK_N,
               "D_PAD": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-              "SPLIT": block_q == 1}  # decode programs compiled with split keys
+              "SPLIT": block_q == 1,  # decode programs compiled with split keys
+              "KV8": kv8}
     sig = {n: f"*{ptr[n]}" if n in ptr else "constexpr" if n in consts
            else "fp32" if n == "scale" else "i32" for n in kernel.arg_names}
     src = ASTSource(kernel, sig, constexprs={n: consts[n] for n in sig if n in consts})

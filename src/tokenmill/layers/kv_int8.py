@@ -3,8 +3,9 @@ dequantizing gather, byte for byte the layout of kernels/csrc/kv8.h (described t
 
 Rows are quantized per group of 32 dims as llama.cpp's q8_0 KV cache: half the bytes of
 bfloat16 plus a float32 scale per group (18 bytes per 16 values). A layer's cache is one int8
-tensor [2, Hk, n_blocks, block_bytes]: the native CPU kernels read and write it; this module
-is the path for everything else (and the tests' reference).
+tensor [2, Hk, n_blocks, block_bytes]: the native CPU kernels and the Triton kernel
+(layers/triton_attention.py) read it, the CPU kernels write it; this module writes it
+elsewhere, gathers it for the torch fallback, and is the tests' reference.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import torch
 SUB, GROUP = 16, 32  # keys per sub-block, dims per scale
 
 
-def unsupported(head_dim: int, block_size: int, device: torch.device) -> str | None:
-    """Why an int8 cache cannot serve this model here, or None."""
-    if device.type != "cpu":
-        return "--kv-cache-dtype int8 runs on the CPU only (for now)"
+def unsupported(head_dim: int, block_size: int) -> str | None:
+    """Why an int8 cache cannot serve this model, or None. (On CUDA the Triton kernel reads
+    it, dequantizing as it loads; the torch fallback dequantizes as it gathers.)"""
     if head_dim % GROUP:
         return f"--kv-cache-dtype int8 needs a head dim that is a multiple of {GROUP}, " \
                f"not {head_dim}"

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tokenmill.kernels.triton_support import interpreted
+from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import AttentionMetadata, DeviceRows, TorchPagedAttention
 
 # triton.language, bound by `_kernel()`: triton resolves `tl` in a kernel's module globals (the
@@ -51,12 +52,12 @@ def _kernel() -> Any:
 
     @triton.jit
     def paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, qblocks_ptr, seqs_ptr,
-                        part_ptr, m_ptr, l_ptr,
+                        part_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr,
                         scale, window, G, D, BS, T, HQ, n_splits,
                         sqt, sqh, skh, skb, sko, svh, svb, svo, sot, soh, st,
                         BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, M: tl.constexpr,
                         BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, KV8: tl.constexpr):
         pid = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -101,14 +102,32 @@ def _kernel() -> Any:
             key_ok = offs_n < hi
             blk = tl.load(tables_ptr + seq.to(tl.int64) * st + offs_n // BS, mask=key_ok,
                           other=0).to(tl.int64)
-            k_off = blk * skb + (offs_n % BS) * sko
-            v_off = blk * svb + (offs_n % BS) * svo
-            k = tl.load(k_base + k_off[None, :] + offs_d[:, None],
-                        mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-            v = tl.load(v_base + v_off[:, None] + offs_d[None, :],
-                        mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
+            k_ok = key_ok[None, :] & d_ok[:, None]
+            v_ok = key_ok[:, None] & d_ok[None, :]
+            if KV8:  # layers/kv_int8.py's bytes: 16-key sub-blocks of 18 * D bytes
+                u = offs_n % 16
+                sub = blk * skb + (offs_n % BS) // 16 * (18 * D)  # byte offsets in the head
+                kq = tl.load(k_base + sub[None, :] + offs_d[:, None] // 4 * 64 + u[None, :] * 4
+                             + offs_d[:, None] % 4, mask=k_ok, other=0)  # q + 128, as int8
+                ksc = tl.load(ks_ptr + (h.to(tl.int64) * skh + sub[None, :] + 16 * D) // 4
+                              + offs_d[:, None] // 32 * 16 + u[None, :], mask=k_ok, other=0.0)
+                k = ((kq.to(tl.int32) & 255) - 128).to(tl.float32) * ksc  # [D_PAD, BLOCK_N]
+                vq = tl.load(v_base + sub[:, None] + u[:, None] * D + offs_d[None, :],
+                             mask=v_ok, other=0)
+                vsc = tl.load(vs_ptr + (h.to(tl.int64) * svh + sub[:, None] + 16 * D) // 4
+                              + offs_d[None, :] // 32 * 16 + u[:, None], mask=v_ok, other=0.0)
+                v = vq.to(tl.float32) * vsc  # [BLOCK_N, D_PAD]
+                if not UPCAST:
+                    k, v = k.to(q.dtype), v.to(q.dtype)
+            else:
+                k_off = blk * skb + (offs_n % BS) * sko
+                v_off = blk * svb + (offs_n % BS) * svo
+                k = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=k_ok,
+                            other=0.0)  # [D_PAD, BLOCK_N]
+                v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=v_ok,
+                            other=0.0)  # [BLOCK_N, D_PAD]
+                if UPCAST:
+                    k, v = k.to(tl.float32), v.to(tl.float32)
             s = tl.dot(q, k, input_precision=PRECISION) * scale
             see = key_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             if window > 0:
@@ -141,16 +160,23 @@ def _next_pow2(n: int) -> int:
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
                     scale: float) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]; kv_cache [2, Hk, n_blocks, bs, D], this step's keys already
-    written. `rows` from `build_device_rows` for the same step."""
+    """q [T, Hq, D] -> [T, Hq, D]; kv_cache [2, Hk, n_blocks, bs, D], or the int8 cache
+    [2, Hk, n_blocks, bytes] (dequantized as it is read), this step's keys already written.
+    `rows` from `build_device_rows` for the same step."""
     t, hq, d = q.shape
-    _, hk, _, bs, _ = kv_cache.shape
-    g = hq // hk
+    hk, g = kv_cache.shape[1], hq // kv_cache.shape[1]
     out = torch.empty_like(q)
     if t == 0 or rows.qblocks.shape[0] == 0:
         return out
     k, v = kv_cache[0], kv_cache[1]
-    assert k.stride(3) == 1 and q.stride(2) == 1
+    kv8 = kv_cache.dtype == torch.int8
+    if kv8:  # the same bytes, also as float32 for the group scales
+        bs = kv_int8.block_size_of(kv_cache, d)
+        scales = kv_cache.view(torch.float32)
+        ks, vs, sko, svo = scales[0], scales[1], 0, 0
+    else:
+        bs, ks, vs, sko, svo = kv_cache.shape[3], out, out, k.stride(2), v.stride(2)
+    assert k.stride(-1) == 1 and q.stride(2) == 1
     n = decode_splits(rows.qblocks.shape[0] * hk, rows.max_keys, q.device) \
         if rows.block_q == 1 else 1
     grid = (rows.qblocks.shape[0], hk, n)
@@ -160,14 +186,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
         part = torch.zeros(n, t, hq, d_pad, dtype=torch.float32, device=q.device)
         top = torch.full((n, t, hq), float("-inf"), dtype=torch.float32, device=q.device)
         total = torch.zeros(n, t, hq, dtype=torch.float32, device=q.device)
-    _kernel()[grid](q, k, v, out, rows.tables, rows.qblocks, rows.seqs, part, top, total, scale,
-                    rows.window, g, d, bs, t, hq, n, q.stride(0), q.stride(1), k.stride(0),
-                    k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+    _kernel()[grid](q, k, v, out, rows.tables, rows.qblocks, rows.seqs, part, top, total, ks, vs,
+                    scale, rows.window, g, d, bs, t, hq, n, q.stride(0), q.stride(1),
+                    k.stride(0), k.stride(1), sko, v.stride(0), v.stride(1), svo,
                     out.stride(0), out.stride(1), rows.tables.stride(0), BLOCK_Q=rows.block_q,
                     G_PAD=g_pad, M=max(MIN_ROWS, rows.block_q * g_pad), BLOCK_N=BLOCK_N,
                     D_PAD=d_pad, UPCAST=interpreted(),
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no TF32
-                    SPLIT=n > 1)
+                    SPLIT=n > 1, KV8=kv8)
     if n > 1:
         out.copy_(_combine(part, top, total)[..., :d])
     return out
@@ -231,15 +257,20 @@ def self_check(device: torch.device) -> str | None:
         gen = torch.Generator().manual_seed(0)
         hq, hk, d, bs = 4, 2, 64, 16
         qlens, ctxs, tables = [1, 20], [37, 20], [[0, 1, 2], [3, 4]]
-        cache = torch.randn(2, hk, 5, bs, d, generator=gen).to(device)
+        plain = torch.randn(2, hk, 5, bs, d, generator=gen).to(device)
+        int8 = torch.zeros(2, hk, 5, kv_int8.block_bytes(bs, d), dtype=torch.int8, device=device)
+        flat = plain.view(2, hk, 5 * bs, d).transpose(1, 2)
+        kv_int8.write(int8, flat[0], flat[1], torch.arange(5 * bs, device=device))
         q, k, v = (torch.randn(sum(qlens), h, d, generator=gen).to(device) for h in (hq, hk, hk))
         tri, ref = TritonPagedAttention(), TorchPagedAttention()
-        got = tri.forward(q, k, v, cache.clone(), tri.build_metadata(
-            qlens, ctxs, tables, bs, None, device), d ** -0.5)
-        ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, None, device)
-        ref_meta.rows = None
-        want = ref.forward(q, k, v, cache, ref_meta, d ** -0.5)
-        err = float((got - want).abs().max())
+        err = 0.0
+        for cache in (plain, int8):  # both caches' kernel variants
+            got = tri.forward(q, k, v, cache.clone(), tri.build_metadata(
+                qlens, ctxs, tables, bs, None, device), d ** -0.5)
+            ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, None, device)
+            ref_meta.rows = None
+            want = ref.forward(q, k, v, cache, ref_meta, d ** -0.5)
+            err = max(err, float((got - want).abs().max()))
     except Exception as e:  # a compile or launch failure
         return f"{type(e).__name__}: {e}"
     return None if err < 1e-2 else f"differs from the torch path by {err:.3g}"

@@ -155,7 +155,7 @@ def kv_cache_dtype(lm: LoadedModel, cache: CacheConfig) -> torch.dtype:
     serve this model (a clear start-up error where it cannot)."""
     if cache.kv_cache_dtype == "auto":
         return lm.dtype
-    problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size, lm.device)
+    problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size)
     if problem is not None:
         raise ModelLoadError(problem)
     return torch.int8
