@@ -19,3 +19,11 @@ def run_pytest_child(test_file: str, args: list[str], env: dict[str, str],
     res = subprocess.run(cmd, env=full, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     assert " passed" in res.stdout and " skipped" not in res.stdout, res.stdout[-2000:]
+
+
+def run_ptx_child(test_file: str, keyword: str) -> None:
+    """A file's sm90 compilation tests (`-k keyword`), in a child: triton's compiler leaks
+    nanobind objects and says so when the interpreter exits, which would end this run's
+    output."""
+    run_pytest_child(test_file, ["-k", keyword], {"TOKENMILL_PTX_CHILD": "1"},
+                     drop=("TRITON_INTERPRET",))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_child import run_pytest_child
+from pytest_child import run_ptx_child, run_pytest_child
 
 try:  # src layout: make `import tokenmill` work without an install
     import tokenmill  # noqa: F401
@@ -165,11 +165,8 @@ def test_plan_without_blocks_is_refused() -> None:
 
 @pytest.mark.skipif(INTERPRET or PTX_CHILD, reason="this is a child")
 def test_ptx_compile_in_a_child() -> None:
-    """The sm90 compilation tests, in a child process: triton's compiler leaks nanobind
-    objects and says so when the interpreter exits, which would end this run's output."""
     pytest.importorskip("triton")
-    run_pytest_child(__file__, ["-k", "compile_for_sm90"], {"TOKENMILL_PTX_CHILD": "1"},
-                     drop=("TRITON_INTERPRET",))
+    run_ptx_child(__file__, "compile_for_sm90")
 
 
 @in_ptx_child

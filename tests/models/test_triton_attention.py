@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_child import run_pytest_child
+from pytest_child import run_ptx_child, run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
 from tokenmill.layers import kv_int8
 from tokenmill.layers import triton_attention as ta
@@ -122,7 +122,7 @@ def test_interpreted_kernel_matches_torch(step: tuple[list[int], list[int]],
 @pytest.mark.parametrize("step", [MIXED, DECODE, ([1, 1], [700, 1300])],
                          ids=["mixed", "decode", "split"])
 @pytest.mark.parametrize("d, bs, window", [(64, 16, None), (96, 32, 5), (128, 16, 20)])
-def test_interpreted_int8_cache_matches_torch(step: tuple[list[int], list[int]], d: int,
+def test_interpreted_kernel_int8_cache_matches_torch(step: tuple[list[int], list[int]], d: int,
                                               bs: int, window: int | None) -> None:
     """The int8 KV cache (`--kv-cache-dtype int8`) read by the kernel, dequantized as it
     loads, against the torch path's dequantizing gather over the same bytes; decode, prefill,
@@ -133,7 +133,7 @@ def test_interpreted_int8_cache_matches_torch(step: tuple[list[int], list[int]],
 @interpreted
 @pytest.mark.parametrize("window", [None, 600])
 @pytest.mark.parametrize("sms", [4, 32])
-def test_interpreted_split_keys_match_torch(window: int | None, sms: int,
+def test_interpreted_kernel_split_keys_match_torch(window: int | None, sms: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode rows over long contexts with few (sequence, KV head) programs: the keys are
     split over several programs per pair (flash-decoding) and merged; a window moves each
@@ -162,11 +162,8 @@ def test_interpreted_kernel_odd_shapes(d: int, bs: int) -> None:
 
 @pytest.mark.skipif(INTERPRET or PTX_CHILD, reason="this is a child")
 def test_ptx_compile_in_a_child() -> None:
-    """The sm90 compilation tests, in a child process: triton's compiler leaks nanobind
-    objects and says so when the interpreter exits, which would end this run's output."""
     pytest.importorskip("triton")
-    run_pytest_child(__file__, ["-k", "compiles_for_sm90"], {"TOKENMILL_PTX_CHILD": "1"},
-                     drop=("TRITON_INTERPRET",))
+    run_ptx_child(__file__, "compiles_for_sm90")
 
 
 @needs_triton
@@ -289,6 +286,7 @@ def test_interpreted_kernel_self_check() -> None:
     from tokenmill.layers.triton_attention import self_check
 
     assert self_check(torch.device("cpu")) is None
+    assert self_check(torch.device("cpu"), kv8=True) is None
 
 
 def test_self_check_catches_a_broken_kernel(monkeypatch: pytest.MonkeyPatch,
