@@ -293,9 +293,11 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 _BACKENDS: dict[str, type[AttentionBackend]] = {"torch-sdpa": TorchPagedAttention}
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+def get_attention_backend(name: str, device: torch.device,
+                          kv_cache_dtype: str = "auto") -> AttentionBackend:
     """"auto": the Triton kernel on CUDA when triton imports (TOKENMILL_TRITON_ATTENTION=0
-    opts out), else gather + SDPA, whose CPU steps take the native per-row kernel."""
+    opts out) and passes its self-check for this cache (`--kv-cache-dtype`), else gather +
+    SDPA, whose CPU steps take the native per-row kernel."""
     from tokenmill.layers import triton_attention as ta  # it imports this module
 
     backends: dict[str, type[AttentionBackend]] = {**_BACKENDS,
@@ -304,7 +306,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         name = "torch-sdpa"
         if (device.type == "cuda" and triton_available()
                 and os.environ.get("TOKENMILL_TRITON_ATTENTION", "1") != "0"):
-            problem = ta.self_check(device)
+            problem = ta.self_check(device, kv8=kv_cache_dtype == "int8")
             if problem is None:
                 name = "triton"
             else:

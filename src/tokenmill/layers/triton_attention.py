@@ -44,11 +44,48 @@ SPLIT_MIN_KEYS = 256  # a split-key program walks at least this many keys
 MAX_SPLITS = 32
 
 
+# The jitted K/V loaders, bound by `_kernel()` next to `tl` (a kernel resolves the functions
+# it calls in its module's globals too).
+_load_kv: Any = None
+_load_kv8: Any = None
+
+
 @functools.cache
 def _kernel() -> Any:
-    global tl
+    global tl, _load_kv, _load_kv8
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def load_kv(k_base, v_base, blk, offs_n, offs_d, k_ok, v_ok, skb, sko, svb, svo, BS):
+        """K^T [D_PAD, BLOCK_N] and V [BLOCK_N, D_PAD] of keys offs_n (in blocks blk) from a
+        cache of the model's dtype."""
+        k_off = blk * skb + (offs_n % BS) * sko
+        v_off = blk * svb + (offs_n % BS) * svo
+        k = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=k_ok, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=v_ok, other=0.0)
+        return k, v
+
+    @triton.jit
+    def load_kv8(k_base, v_base, ks_base, vs_base, blk_off, offs_n, offs_d, k_ok, v_ok, D, BS):
+        """The same from the int8 cache (layers/kv_int8.py: 16-key sub-blocks of 18 * D bytes
+        at byte offset blk_off of the head), dequantized to float32: K as q + 128 in
+        [D/4][16][4] bytes, V row-major, each with [D/32][16] float32 scales after the bytes
+        (ks_base / vs_base: the head's storage as float32)."""
+        u = offs_n % 16
+        sub = blk_off + (offs_n % BS) // 16 * (18 * D)  # byte offsets within the head
+        kq = tl.load(k_base + sub[None, :] + offs_d[:, None] // 4 * 64 + u[None, :] * 4
+                     + offs_d[:, None] % 4, mask=k_ok, other=0)
+        ksc = tl.load(ks_base + (sub[None, :] + 16 * D) // 4 + offs_d[:, None] // 32 * 16
+                      + u[None, :], mask=k_ok, other=0.0)
+        vq = tl.load(v_base + sub[:, None] + u[:, None] * D + offs_d[None, :], mask=v_ok,
+                     other=0)
+        vsc = tl.load(vs_base + (sub[:, None] + 16 * D) // 4 + offs_d[None, :] // 32 * 16
+                      + u[:, None], mask=v_ok, other=0.0)
+        k = ((kq.to(tl.int32) & 255) - 128).to(tl.float32) * ksc
+        return k, vq.to(tl.float32) * vsc
+
+    _load_kv, _load_kv8 = load_kv, load_kv8
 
     @triton.jit
     def paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, qblocks_ptr, seqs_ptr,
@@ -104,28 +141,15 @@ def _kernel() -> Any:
                           other=0).to(tl.int64)
             k_ok = key_ok[None, :] & d_ok[:, None]
             v_ok = key_ok[:, None] & d_ok[None, :]
-            if KV8:  # layers/kv_int8.py's bytes: 16-key sub-blocks of 18 * D bytes
-                u = offs_n % 16
-                sub = blk * skb + (offs_n % BS) // 16 * (18 * D)  # byte offsets in the head
-                kq = tl.load(k_base + sub[None, :] + offs_d[:, None] // 4 * 64 + u[None, :] * 4
-                             + offs_d[:, None] % 4, mask=k_ok, other=0)  # q + 128, as int8
-                ksc = tl.load(ks_ptr + (h.to(tl.int64) * skh + sub[None, :] + 16 * D) // 4
-                              + offs_d[:, None] // 32 * 16 + u[None, :], mask=k_ok, other=0.0)
-                k = ((kq.to(tl.int32) & 255) - 128).to(tl.float32) * ksc  # [D_PAD, BLOCK_N]
-                vq = tl.load(v_base + sub[:, None] + u[:, None] * D + offs_d[None, :],
-                             mask=v_ok, other=0)
-                vsc = tl.load(vs_ptr + (h.to(tl.int64) * svh + sub[:, None] + 16 * D) // 4
-                              + offs_d[None, :] // 32 * 16 + u[:, None], mask=v_ok, other=0.0)
-                v = vq.to(tl.float32) * vsc  # [BLOCK_N, D_PAD]
+            if KV8:
+                k, v = _load_kv8(k_base, v_base, ks_ptr + h.to(tl.int64) * skh // 4,
+                                 vs_ptr + h.to(tl.int64) * svh // 4, blk * skb, offs_n, offs_d,
+                                 k_ok, v_ok, D, BS)
                 if not UPCAST:
                     k, v = k.to(q.dtype), v.to(q.dtype)
             else:
-                k_off = blk * skb + (offs_n % BS) * sko
-                v_off = blk * svb + (offs_n % BS) * svo
-                k = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=k_ok,
-                            other=0.0)  # [D_PAD, BLOCK_N]
-                v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=v_ok,
-                            other=0.0)  # [BLOCK_N, D_PAD]
+                k, v = _load_kv(k_base, v_base, blk, offs_n, offs_d, k_ok, v_ok, skb, sko,
+                                svb, svo, BS)
                 if UPCAST:
                     k, v = k.to(tl.float32), v.to(tl.float32)
             s = tl.dot(q, k, input_precision=PRECISION) * scale
@@ -249,10 +273,12 @@ class TritonPagedAttention(TorchPagedAttention):
         return paged_attention(q, kv_cache, meta.device_rows, scale)
 
 
-def self_check(device: torch.device) -> str | None:
-    """Run the kernel once on `device` against the torch path (a small mixed step); None when
-    it agrees, else what went wrong. The `auto` backend uses Triton only after this passes, so
-    a triton or driver that cannot build the kernel costs speed, not the engine."""
+def self_check(device: torch.device, kv8: bool = False) -> str | None:
+    """Run the kernel once on `device` against the torch path (a small mixed step), over a
+    plain cache and, with `kv8`, the int8 one too (that variant is compiled only for engines
+    that use it); None when it agrees, else what went wrong. The `auto` backend uses Triton only
+    after this passes, so a triton or driver that cannot build the kernel costs speed, not the
+    engine."""
     try:
         gen = torch.Generator().manual_seed(0)
         hq, hk, d, bs = 4, 2, 64, 16
@@ -264,7 +290,7 @@ def self_check(device: torch.device) -> str | None:
         q, k, v = (torch.randn(sum(qlens), h, d, generator=gen).to(device) for h in (hq, hk, hk))
         tri, ref = TritonPagedAttention(), TorchPagedAttention()
         err = 0.0
-        for cache in (plain, int8):  # both caches' kernel variants
+        for cache in (plain, int8) if kv8 else (plain,):
             got = tri.forward(q, k, v, cache.clone(), tri.build_metadata(
                 qlens, ctxs, tables, bs, None, device), d ** -0.5)
             ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, None, device)

@@ -82,7 +82,9 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
+    """The model on its device with its attention backend (checked for `kv_cache_dtype`'s
+    cache on CUDA)."""
     source = resolve_model(cfg.model_id, revision=cfg.revision,
                            token=os.environ.get("HF_TOKEN"), weights=cfg.load_format != "dummy")
     hf_config = source.config()
@@ -93,7 +95,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         raise ModelLoadError(f"{source.path}: {e}") from e
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    backend = get_attention_backend(cfg.attention_backend, device)
+    backend = get_attention_backend(cfg.attention_backend, device, kv_cache_dtype)
     t0 = time.perf_counter()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -251,7 +253,7 @@ def build_core(config: EngineConfig) -> BuiltCore:
     with their EOS ids filled in; the grammar backend loads one on its first constrained
     request.
     """
-    lm = load_model(config.model)
+    lm = load_model(config.model, config.cache.kv_cache_dtype)
     runner = build_runner(lm, config.cache, config.watermark, config.model.cuda_graphs)
     runner.grammar = LLGuidanceBackend(partial(_grammar_tokenizer, lm), lm.model.cfg.vocab_size)
     cache_tokens = runner.num_blocks * runner.block_size
