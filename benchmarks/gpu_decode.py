@@ -175,12 +175,14 @@ def main() -> None:
     print(f"device: {what}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write); "
           f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
           flush=True)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_shape(s, device, bw, args, Path(tmp)) for s in args.shapes.split(",")]
+        for s in args.shapes.split(","):
+            results.append(run_shape(s, device, bw, args, Path(tmp)))
+            if args.json:  # after each shape: a run cut short by a time limit keeps them
+                args.json.write_text(json.dumps({"device": what, "copy_bandwidth": bw,
+                                                 "results": results}, indent=1))
     print(table(results, args.concurrency))
-    if args.json:
-        args.json.write_text(json.dumps({"device": what, "copy_bandwidth": bw,
-                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":
