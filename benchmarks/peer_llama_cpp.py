@@ -7,7 +7,8 @@ vendored in the llama-cpp-python source package on PyPI; later runs reuse the bi
 
 Workloads (flags change them): 128-token prompts and 128 output tokens (ignore_eos) at
 concurrency 1 and 32, then one 1,024-token prompt at a time for TTFT, each against both
-servers back to back; then 64 prompts x 128 new tokens offline (benchmarks/offline_throughput.py).
+servers back to back; then 64 prompts x 128 new tokens offline (benchmarks/offline_throughput.py),
+tokenmill and transformers alternating in 3 pairs (fresh prompts each), the median ratio kept.
 Only ratios from one run are comparable: the machines are shared, so the load average is
 printed before and after, and a busy machine is called out.
 
@@ -23,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -31,6 +33,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenmill.bench.client import ClientConfig
 from tokenmill.bench.metrics import LevelSummary
@@ -208,8 +211,11 @@ def check_lengths(runs: dict[str, ServerRun]) -> list[str]:
     return notes
 
 
-def offline(args: argparse.Namespace) -> dict[str, float]:
-    """tokenmill LLM vs transformers generate: batch-1 decode and N x M throughput (tok/s)."""
+def offline(args: argparse.Namespace) -> dict[str, Any]:
+    """tokenmill LLM vs transformers generate: batch-1 decode and N x M throughput (tok/s).
+    The throughput runs alternate, tokenmill then transformers on the same prompts, in
+    `--offline-repeats` pairs with fresh prompts each (the prefix cache must not help); the
+    ratio reported is the median of the pairs' ratios, so one noisy window does not decide."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import offline_throughput as ot
     import torch
@@ -220,19 +226,30 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
 
     llm = LLM(dtype="auto", max_batch_total_tokens=65536, quantize=args.quantize,
               kv_cache_dtype=args.kv_cache_dtype)
-    prompts = ot.make_prompts(llm.tokenizer, args.offline_prompts, args.prompt_tokens)
-    ot.bench_tokenmill(llm, prompts[:4], 8)  # warm-up
-    r = {"tm_decode": ot.bench_tokenmill_decode(llm, prompts[0], args.output_tokens),
-         "tm_batch": ot.bench_tokenmill(llm, prompts, args.output_tokens)}
     dtype = getattr(torch, llm.engine.info.dtype)
     pad = llm.engine.info.eos_token_ids[0]
-    del llm
     path = default_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).to(dtype).eval()
-    ot.bench_transformers(model, prompts[:4], 8, pad)  # warm-up
-    r["hf_decode"] = ot.bench_transformers_decode(model, prompts[0], args.output_tokens, pad)
-    r["hf_batch"] = ot.bench_transformers(model, prompts, args.output_tokens, pad)
+    warm = ot.make_prompts(llm.tokenizer, 4, args.prompt_tokens, seed=1000)
+    ot.bench_tokenmill(llm, warm, 8)
+    ot.bench_transformers(model, warm, 8, pad)
+    r: dict[str, Any] = {
+        "tm_decode": ot.bench_tokenmill_decode(llm, warm[0], args.output_tokens),
+        "hf_decode": ot.bench_transformers_decode(model, warm[0], args.output_tokens, pad),
+        "pairs": []}
+    for i in range(args.offline_repeats):
+        prompts = ot.make_prompts(llm.tokenizer, args.offline_prompts, args.prompt_tokens, seed=i)
+        tm = ot.bench_tokenmill(llm, prompts, args.output_tokens)
+        hf = ot.bench_transformers(model, prompts, args.output_tokens, pad)
+        log(f"offline pair {i + 1}/{args.offline_repeats}: tokenmill {tm:.1f} tok/s, "
+            f"transformers {hf:.1f} tok/s ({tm / hf:.2f}x)")
+        r["pairs"].append((tm, hf))
+    ratios = sorted(tm / hf for tm, hf in r["pairs"])
+    r["ratio"] = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2)
+    r["tm_batch"] = statistics.median(tm for tm, _ in r["pairs"])
+    r["hf_batch"] = statistics.median(hf for _, hf in r["pairs"])
     return r
 
 
@@ -247,7 +264,7 @@ def _row(workload: str, metric: str, tm: float, peer: float, ms: bool = False) -
 
 
 def markdown(head: list[str], serve: list[tuple[str, dict[str, ServerRun]]],
-             off: dict[str, float] | None, args: argparse.Namespace) -> str:
+             off: dict[str, Any] | None, args: argparse.Namespace) -> str:
     lines = [*head, "",
              "| workload | metric | tokenmill | peer | tokenmill / peer |",
              "|---|---|---:|---:|---:|"]
@@ -265,9 +282,12 @@ def markdown(head: list[str], serve: list[tuple[str, dict[str, ServerRun]]],
                       _row(w, "E2E p50 (ms)", sa.e2e_p50, sb.e2e_p50, ms=True)]
     if off is not None:
         w = f"vs transformers generate (offline), {args.offline_prompts} x {args.output_tokens}"
-        lines += [_row(w, "batched output tok/s", off["tm_batch"], off["hf_batch"]),
+        pairs = "; ".join(f"{tm:.1f} vs {hf:.1f} ({tm / hf:.2f}x)" for tm, hf in off["pairs"])
+        lines += [f"| {w} | batched output tok/s, median of {len(off['pairs'])} pairs | "
+                  f"{off['tm_batch']:.1f} | {off['hf_batch']:.1f} | {off['ratio']:.2f}x |",
                   _row("vs transformers generate (offline), batch 1", "decode tok/s",
                        off["tm_decode"], off["hf_decode"])]
+        lines += ["", f"Offline pairs (tokenmill vs transformers, tok/s, alternating): {pairs}."]
     lines += ["", "Throughput ratios > 1 and latency ratios < 1 favour tokenmill."]
     return "\n".join(lines) + "\n"
 
@@ -299,6 +319,8 @@ def main() -> int:
     ap.add_argument("--long-prompt-tokens", type=int, default=1024)
     ap.add_argument("--long-requests", type=int, default=4)
     ap.add_argument("--offline-prompts", type=int, default=64)
+    ap.add_argument("--offline-repeats", type=int, default=3,
+                    help="alternating tokenmill/transformers throughput pairs (median ratio)")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_METHODS),
                     help="tokenmill's --quantize, for the server and the offline run")
