@@ -33,8 +33,10 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "sampling.cpp",
                              "w4a8.cpp", "decode_stack.cpp"))  # one library
-HEADERS = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("tm_kernels.h", "kv8.h"))  # in the cache key too
+_CSRC = Path(__file__).with_name("csrc")
+# In the cache key too: every header, tm_kernels.h (the C signatures ctypes binds) first.
+HEADERS = (_CSRC / "tm_kernels.h",
+           *sorted(p for p in _CSRC.glob("*.h") if p.name != "tm_kernels.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
 ABI_VERSION = 15

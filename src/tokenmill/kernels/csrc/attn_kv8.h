@@ -1,0 +1,191 @@
+// Attention over the int8 KV cache (`--kv-cache-dtype int8`, layout in kv8.h): the query
+// quantized as the keys are, integer scores with vpdpbusd, the weighted V sum in float32.
+// The int8 counterparts of attention.cpp's scores() and weighted_sum(); included there only.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attn_paged.h"
+#include "kv8.h"
+#include "tm_kernels.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace tmk::attn {
+
+using tmk::load;
+
+// The query heads of a row quantized as the keys are (groups of 32), with each group's integer
+// sum start -128 * sum(q) (the keys are stored + 128, unsigned for vpdpbusd).
+struct Q8 {
+  int8_t q[16 * 256];
+  float d[16 * 256 / kv8::GRP];
+  int32_t corr[16 * 256 / kv8::GRP];
+};
+
+template <typename T>
+inline void quantize_query(const T* q, int64_t D, int64_t G, Q8& out) {
+  const int64_t NG = D / kv8::GRP;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < NG; ++c) {
+      float x[kv8::GRP];
+      for (int64_t i = 0; i < kv8::GRP; ++i) x[i] = load(q + g * D, c * kv8::GRP + i);
+      const int64_t k = g * NG + c;
+      out.corr[k] = -128 * tmk::quantize_group(x, out.q + g * D + c * kv8::GRP, &out.d[k]);
+    }
+}
+
+inline int32_t quad(const int8_t* p) {  // 4 query bytes as the dword vpdpbusd broadcasts
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Scores of one quantized query head (q8, its group scales qd and starts corr) against keys
+// j_lo..j_hi-1 of sub-block sb, written to out[j_lo..j_hi-1]: per group of 32 dims an exact
+// integer dot product, then acc += float(dot) * (d_key * d_query). With VNNI a group is 8
+// vpdpbusd giving all 16 keys at once. The scalar loop performs the same float operations.
+template <int64_t DC>
+inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, const int8_t* sb,
+                        int64_t D, int64_t j_lo, int64_t j_hi, float* out) {
+  const float* ks = reinterpret_cast<const float*>(sb + kv8::SUB * D);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if constexpr (DC > 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < DC / kv8::GRP; ++c) {
+      const int8_t* qc = q8 + kv8::GRP * c;
+      const int8_t* kc = sb + 512 * c;  // 8 vectors of 64 bytes per group
+      __m512i t0 = _mm512_set1_epi32(corr[c]), t1 = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        t0 = _mm512_dpbusd_epi32(t0, _mm512_loadu_si512(kc + 64 * j),
+                                 _mm512_set1_epi32(quad(qc + 4 * j)));
+        t1 = _mm512_dpbusd_epi32(t1, _mm512_loadu_si512(kc + 64 * (j + 4)),
+                                 _mm512_set1_epi32(quad(qc + 16 + 4 * j)));
+      }
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)),
+                            _mm512_mul_ps(_mm512_loadu_ps(ks + kv8::SUB * c),
+                                          _mm512_set1_ps(qd[c])),
+                            acc);
+    }
+    const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
+    _mm512_mask_storeu_ps(out, keep, acc);
+    return;
+  }
+#endif
+  for (int64_t u = j_lo; u < j_hi; ++u) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+      int32_t t = corr[c];
+      for (int64_t i = 0; i < kv8::GRP; ++i) {
+        const int64_t dim = kv8::GRP * c + i;
+        t += int32_t(uint8_t(sb[dim / 4 * 64 + u * 4 + dim % 4])) * q8[dim];
+      }
+      acc = std::fma(float(t), ks[kv8::SUB * c + u] * qd[c], acc);
+    }
+    out[u] = acc;
+  }
+}
+
+// scores() for the int8 cache.
+template <typename T, int64_t DC>
+inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
+                        float scale, float* sc, int64_t stride, Q8& q8, Prefetch<int8_t>& pf) {
+  const int64_t start = it.start, end = it.end, NG = D / kv8::GRP;
+  quantize_query(q, D, G, q8);
+  for (int64_t p0 = start - start % kv8::SUB; p0 < end; p0 += kv8::SUB) {
+    if (p0 % bs == 0 || p0 <= start) pf.step(false);  // a block at a time
+    const int8_t* sb = it.kh + kv8::sub_offset(it.table, p0, bs, D);
+    const int64_t lo = std::max(p0, start) - p0, hi = std::min(p0 + kv8::SUB, end) - p0;
+    for (int64_t g = 0; g < G; ++g)
+      qk_sub_int8<DC>(q8.q + g * D, q8.d + g * NG, q8.corr + g * NG, sb, D, lo, hi,
+                      sc + g * stride + (p0 - start));
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = sc + g * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < end - start; ++i) sg[i] *= scale;
+  }
+}
+
+// weighted_sum() for the int8 cache: per sub-block the weights are multiplied by the 16 keys'
+// V scales (ws = w * d, one per key and group), then each V row is widened to float once and
+// acc += ws * v, in key order, for the GC heads. The generic loop (any D, no AVX-512) performs
+// the same float operations.
+template <int64_t DC, int GC>
+inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t stride,
+                    float* acc, Prefetch<int8_t>* pf) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  constexpr int NV = DC / 16, NG = DC / kv8::GRP;
+  __m512 a[GC][NV];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    if (pf && (p0 % bs == 0 || p0 <= it.start)) pf->step(true);
+    const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
+    const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC);
+    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
+    const __mmask16 keep = __mmask16(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    alignas(64) float ws[GC][NG][kv8::SUB];
+    for (int g = 0; g < GC; ++g) {
+      const __m512 wr = _mm512_maskz_loadu_ps(keep, w + g * stride + (p0 - it.start));
+      for (int c = 0; c < NG; ++c)
+        _mm512_store_ps(ws[g][c], _mm512_mul_ps(wr, _mm512_loadu_ps(vs + kv8::SUB * c)));
+    }
+    for (int64_t u = lo; u < hi; ++u) {
+      const int8_t* vrow = sb + u * DC;
+      __m512 v[NV];
+      for (int c = 0; c < NV; ++c)
+        v[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vrow + 16 * c))));
+      for (int g = 0; g < GC; ++g)
+        for (int c = 0; c < NV; ++c)
+          a[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(ws[g][c / 2][u]), v[c], a[g][c]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * DC + 16 * c, a[g][c]);
+#endif
+}
+
+template <int64_t DC>
+inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
+                              const float* w, int64_t stride, float* acc,
+                              Prefetch<int8_t>& pf) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (DC > 0) {
+    constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
+    for (int64_t g = 0; g < G; g += GMAX) {
+      const float* wg = w + g * stride;
+      float* ag = acc + g * DC;
+      Prefetch<int8_t>* p = g == 0 ? &pf : nullptr;  // the next item's V during the first
+      switch (std::min(GMAX, G - g)) {
+        case 1: pv_int8<DC, 1>(it, bs, wg, stride, ag, p); break;
+        case 2: pv_int8<DC, 2>(it, bs, wg, stride, ag, p); break;
+        case 3: pv_int8<DC, (GMAX >= 3 ? 3 : 1)>(it, bs, wg, stride, ag, p); break;
+        default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag, p);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.f;
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    if (p0 % bs == 0 || p0 <= it.start) pf.step(true);
+    const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, D);
+    const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * D);
+    for (int64_t u = std::max(p0, it.start) - p0; u < std::min(p0 + kv8::SUB, it.end) - p0; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+          const float ws = w[g * stride + (p0 + u - it.start)] * vs[kv8::SUB * c + u];
+          for (int64_t i = 0; i < kv8::GRP; ++i) {
+            float& a = acc[g * D + kv8::GRP * c + i];
+            a = std::fma(ws, float(sb[u * D + kv8::GRP * c + i]), a);
+          }
+        }
+  }
+}
+
+}  // namespace tmk::attn
