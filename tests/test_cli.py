@@ -80,8 +80,10 @@ def test_kv_cache_dtype_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.cache.kv_cache_dtype == "int8"
     monkeypatch.setenv("KV_CACHE_DTYPE", "int8")  # TGI's env var
     assert parse().kv_cache_dtype == "int8"
-    # TGI's fp8 values get a pointer to what is supported; anything else is unknown.
-    with pytest.raises(ValueError, match="not supported; int8"):
-        EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", "fp8_e5m2")))
+    # TGI's fp8 values, and vLLM's spellings of e4m3
+    for flag, want in (("fp8_e5m2", "fp8_e5m2"), ("fp8_e4m3fn", "fp8_e4m3fn"),
+                       ("fp8", "fp8_e4m3fn"), ("fp8_e4m3", "fp8_e4m3fn")):
+        cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", flag)))
+        assert cfg.cache.kv_cache_dtype == want
     with pytest.raises(ValueError, match="unknown KV cache dtype"):
         EngineConfig.from_kwargs(**_engine_kwargs(parse("--kv-cache-dtype", "int4")))

@@ -44,7 +44,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=_env_default("--kv-cache-dtype", str, "auto"),
                    help="auto: the model's dtype; int8: K and V rounded to int8 per "
                         "group of 32 as llama.cpp's q8_0 cache, half the memory and faster "
-                        "attention, slightly less exact")
+                        "attention, slightly less exact; fp8_e4m3fn (or fp8), fp8_e5m2: "
+                        "TGI's float8 caches, half the memory on CUDA (CPU: torch path)")
     g.add_argument("--lora-adapters", default=_env_default("--lora-adapters", str, None),
                    help="comma-separated LoRA adapters loaded at start: name=path_or_hub_id, "
                         "a path, or a Hub id[@revision]")

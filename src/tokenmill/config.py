@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-KV_CACHE_DTYPES = ("auto", "int8")  # --kv-cache-dtype values
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3fn", "fp8_e5m2")  # --kv-cache-dtype values
+KV_CACHE_ALIASES = {"fp8": "fp8_e4m3fn", "fp8_e4m3": "fp8_e4m3fn"}  # vLLM's spellings
 
 
 @dataclass(slots=True)
@@ -22,15 +23,14 @@ class CacheConfig:
     memory_fraction: float = 0.3
     enable_prefix_caching: bool = True
     # "auto": the model's dtype; "int8": rows quantized per group of 32 as llama.cpp's q8_0
-    # (layers/kv_int8.py). TGI's fp8 formats are refused with a pointer to int8.
+    # (layers/kv_int8.py); TGI's "fp8_e4m3fn" / "fp8_e5m2": each value cast to that float8
+    # type (saturating, scale 1, as TGI without checkpoint scales), for CUDA.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a power of two")
-        if self.kv_cache_dtype.startswith("fp8"):
-            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; "
-                             "int8 halves the cache as fp8 would")
+        self.kv_cache_dtype = KV_CACHE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache dtype {self.kv_cache_dtype!r}; "
                              f"available: {', '.join(KV_CACHE_DTYPES)}")

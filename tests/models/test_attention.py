@@ -44,3 +44,32 @@ def test_native_rows_equal_the_torch_path(window: int | None, dtype: torch.dtype
     assert torch.equal(native_cache, cache)  # the same keys and values written
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(native.float(), torch_out.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_float8_cache_saturates_and_round_trips(fp8: torch.dtype) -> None:
+    """`--kv-cache-dtype fp8_*`: keys and values are cast as they are written, clamped to the
+    type's largest finite value (a plain cast turns 1e6 into NaN in e4m3fn, or inf in e5m2),
+    and read back as the cast values; decode attention over them equals attention over the
+    widened cache."""
+    backend, hk, d, bs = TorchPagedAttention(), 2, 8, 4
+    cache = torch.zeros(2, hk, 3, bs, d, dtype=fp8)
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(6, hk, d, generator=gen) for _ in range(2))
+    k[0, 0, :2] = torch.tensor([1e6, -1e6])
+    meta = backend.build_metadata([6], [6], [[2, 0]], bs, None, torch.device("cpu"))
+    meta.rows = None  # the torch path
+    backend.write_kv(k, v, cache, meta)
+    top = torch.finfo(fp8).max
+    stored = cache.float()[0, 0].reshape(-1, d)[8]  # slot 8: block 2, row 0 = token 0
+    assert stored[:2].tolist() == [top, -top] and torch.isfinite(cache.float()).all()
+    want = k.clamp(-top, top).to(fp8).float()
+    slots = [8, 9, 10, 11, 0, 1]  # blocks [2, 0]
+    assert torch.equal(cache.float()[0].reshape(hk, -1, d)[:, slots].transpose(0, 1), want)
+    q = torch.randn(1, 4, d, generator=gen)
+    dmeta = backend.build_metadata([1], [6], [[2, 0]], bs, None, torch.device("cpu"))
+    dmeta.rows = None
+    got = backend.forward(q, k[:0], v[:0], cache, dmeta, d ** -0.5, kv_written=True)
+    wide = cache.float()
+    assert torch.equal(got, backend.forward(q, k[:0], v[:0], wide, dmeta, d ** -0.5,
+                                            kv_written=True))

@@ -18,7 +18,7 @@ from pytest_child import run_ptx_child, run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
 from tokenmill.layers import kv_int8
 from tokenmill.layers import triton_attention as ta
-from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend
+from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend, to_cache_dtype
 from tokenmill.layers.triton_attention import (
     BLOCK_Q_PREFILL,
     TritonPagedAttention,
@@ -65,7 +65,8 @@ def test_backend_choice() -> None:
 
 
 def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
-          dtype: torch.dtype, device: torch.device, kv8: bool = False
+          dtype: torch.dtype, device: torch.device, kv8: bool = False,
+          fp8: torch.dtype | None = None
           ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     per_seq = [-(-c // bs) for c in ctxs]
@@ -81,6 +82,9 @@ def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int
         cache = torch.zeros(2, hk, n_blocks, kv_int8.block_bytes(bs, d), dtype=torch.int8,
                             device=device)
         kv_int8.write(cache, flat[0], flat[1], torch.arange(n_blocks * bs, device=device))
+    if fp8 is not None:  # some keys past the type's range: they must saturate
+        cache[0, 0, 0, 0, :3] = torch.tensor([1e4, -1e4, 500.0])
+        cache = to_cache_dtype(cache, fp8)
     t = sum(qlens)
     q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype).to(device) for h in (hq, hk, hk))
     return tables, cache, q, k, v
@@ -88,8 +92,8 @@ def _step(seed: int, qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int
 
 def _compare(qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: int,
              window: int | None, dtype: torch.dtype, device: torch.device,
-             kv8: bool = False) -> None:
-    tables, cache, q, k, v = _step(0, qlens, ctxs, hq, hk, d, bs, dtype, device, kv8)
+             kv8: bool = False, fp8: torch.dtype | None = None) -> None:
+    tables, cache, q, k, v = _step(0, qlens, ctxs, hq, hk, d, bs, dtype, device, kv8, fp8)
     scale = d ** -0.5
     tri, ref = TritonPagedAttention(), TorchPagedAttention()
     meta = tri.build_metadata(qlens, ctxs, tables, bs, window, device)
@@ -99,7 +103,7 @@ def _compare(qlens: list[int], ctxs: list[int], hq: int, hk: int, d: int, bs: in
     ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, window, device)
     ref_meta.rows = None  # gather + SDPA, not the native CPU kernel
     want = ref.forward(q, k, v, cache, ref_meta, scale)
-    assert torch.equal(tri_cache, cache)  # the same keys and values written
+    assert torch.equal(tri_cache.view(torch.uint8), cache.view(torch.uint8))  # same writes
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
@@ -128,6 +132,17 @@ def test_interpreted_kernel_int8_cache_matches_torch(step: tuple[list[int], list
     loads, against the torch path's dequantizing gather over the same bytes; decode, prefill,
     windows, and split keys over long contexts."""
     _compare(*step, 6, 2, d, bs, window, torch.float32, torch.device("cpu"), kv8=True)
+
+
+@interpreted
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("step", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_interpreted_kernel_fp8_cache_matches_torch(step: tuple[list[int], list[int]],
+                                                    fp8: torch.dtype) -> None:
+    """A float8 cache (`--kv-cache-dtype fp8_e4m3fn` / `fp8_e5m2`) widened as the kernel loads
+    it, against the torch path's widening gather over the same bytes (saturated keys
+    included); bfloat16 queries, as on a GPU."""
+    _compare(*step, 6, 2, 64, 16, None, torch.bfloat16, torch.device("cpu"), fp8=fp8)
 
 
 @interpreted
@@ -170,8 +185,8 @@ def test_ptx_compile_in_a_child() -> None:
 @in_ptx_child
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("block_q", [1, BLOCK_Q_PREFILL])
-@pytest.mark.parametrize("kv8", [False, True], ids=["cache", "int8-cache"])
-def test_kernel_compiles_for_sm90(dtype: str, block_q: int, kv8: bool, tmp_path: Path,
+@pytest.mark.parametrize("cache", ["model", "i8", "fp8e4nv", "fp8e5"])
+def test_kernel_compiles_for_sm90(dtype: str, block_q: int, cache: str, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU needed: ahead-of-time compilation to PTX catches what the interpreter does not
     check (tl.dot shapes and dtypes, constexpr handling), and shows the tensor cores used."""
@@ -183,7 +198,9 @@ def test_kernel_compiles_for_sm90(dtype: str, block_q: int, kv8: bool, tmp_path:
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = ta._kernel()
-    cache = "i8" if kv8 else dtype
+    kv8 = cache == "i8"
+    if cache == "model":
+        cache = dtype
     ptr = {"q_ptr": dtype, "k_ptr": cache, "v_ptr": cache, "o_ptr": dtype, "tables_ptr": "i32",
            "qblocks_ptr": "i32", "seqs_ptr": "i32", "part_ptr": "fp32", "m_ptr": "fp32",
            "l_ptr": "fp32", "ks_ptr": "fp32", "vs_ptr": "fp32"}
@@ -202,10 +219,12 @@ def test_kernel_compiles_for_sm90(dtype: str, block_q: int, kv8: bool, tmp_path:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("window", [None, 7])
-def test_cuda_kernel_matches_torch(window: int | None) -> None:
+@pytest.mark.parametrize("cache", ["model", "int8", "fp8"])
+def test_cuda_kernel_matches_torch(window: int | None, cache: str) -> None:
     qlens = [1] * 24 + [200, 37]
     ctxs = [random.Random(i).randint(1, 900) for i in range(24)] + [200, 400]
-    _compare(qlens, ctxs, 32, 8, 128, 16, window, torch.bfloat16, torch.device("cuda"))
+    _compare(qlens, ctxs, 32, 8, 128, 16, window, torch.bfloat16, torch.device("cuda"),
+             kv8=cache == "int8", fp8=torch.float8_e4m3fn if cache == "fp8" else None)
 
 
 @interpreted
@@ -286,7 +305,8 @@ def test_interpreted_kernel_self_check() -> None:
     from tokenmill.layers.triton_attention import self_check
 
     assert self_check(torch.device("cpu")) is None
-    assert self_check(torch.device("cpu"), kv8=True) is None
+    for cache in ("int8", "fp8_e4m3fn", "fp8_e5m2"):
+        assert self_check(torch.device("cpu"), cache) is None
 
 
 def test_self_check_catches_a_broken_kernel(monkeypatch: pytest.MonkeyPatch,

@@ -4,7 +4,8 @@ The KV cache of one layer is a tensor [2, num_kv_heads, num_blocks, block_size, 
 heads outermost, so gathering a batch's blocks yields [heads, batch, context, head_dim], the
 layout batched matmuls take without another copy. The int8 cache (`--kv-cache-dtype int8`)
 is [2, num_kv_heads, num_blocks, block_bytes] in layers/kv_int8.py's layout, dequantized as
-it is gathered.
+it is gathered; a float8 cache (`fp8_e4m3fn`, `fp8_e5m2`) has the plain layout, values cast
+(saturating) as they are written and widened as they are read.
 Each step the runner builds one `AttentionMetadata` for the whole flat batch of tokens; every
 layer writes its new K/V through `slot_mapping` and reads each sequence's context through its
 block table, so prefill, chunked prefill over an existing cache, and decode share one path.
@@ -216,10 +217,14 @@ class TorchPagedAttention(AttentionBackend):
             kv_int8.write(kv_cache, k, v, meta.slot_mapping)
             return
         _, hk, num_blocks, block_size, d = kv_cache.shape
+        # float8 as bytes: torch's CPU index_copy_ has no float8 kernel
+        cache = kv_cache.view(torch.uint8) if kv_cache.dtype in FLOAT8 else kv_cache
         for i, new in ((0, k), (1, v)):
             new = new.transpose(0, 1)
-            kv_cache[i].view(hk, num_blocks * block_size, d).index_copy_(
-                1, meta.slot_mapping, new if new.dtype == kv_cache.dtype else new.to(kv_cache.dtype))
+            if new.dtype != kv_cache.dtype:
+                new = to_cache_dtype(new, kv_cache.dtype)
+            cache[i].view(hk, num_blocks * block_size, d).index_copy_(
+                1, meta.slot_mapping, new.view(cache.dtype))
 
     @staticmethod
     def _decode_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -273,6 +278,19 @@ def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> 
                         dtype=torch.long)
 
 
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to a cache of `dtype`. Into float8 the cast saturates at the type's largest
+    finite value (448 for e4m3fn), as TGI's and vLLM's fp8 caches do: torch's plain cast
+    makes a larger key NaN (e4m3fn has no infinity), which would poison every later step."""
+    if dtype in FLOAT8:
+        top = torch.finfo(dtype).max
+        return x.clamp(-top, top).to(dtype)
+    return x.to(dtype)
+
+
 def _gather_kv(kv_cache: torch.Tensor, tables: torch.Tensor, d: int, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the blocks in `tables`, [Hk, B, max_blocks * bs, D] each: the cache's own
@@ -287,7 +305,9 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     copies contiguous rows; advanced indexing is about 3x slower on CPU."""
     hk, nb, bs, d = cache.shape
     b = tables.shape[0]
-    return cache.view(hk, nb, bs * d).index_select(1, tables.reshape(-1)).view(hk, b, -1, d)
+    raw = cache.view(torch.uint8) if cache.dtype in FLOAT8 else cache  # as in write_kv
+    rows = raw.view(hk, nb, bs * d).index_select(1, tables.reshape(-1)).view(hk, b, -1, d)
+    return rows.view(cache.dtype)
 
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {"torch-sdpa": TorchPagedAttention}
@@ -306,7 +326,7 @@ def get_attention_backend(name: str, device: torch.device,
         name = "torch-sdpa"
         if (device.type == "cuda" and triton_available()
                 and os.environ.get("TOKENMILL_TRITON_ATTENTION", "1") != "0"):
-            problem = ta.self_check(device, kv8=kv_cache_dtype == "int8")
+            problem = ta.self_check(device, kv_cache_dtype)
             if problem is None:
                 name = "triton"
             else:

@@ -31,7 +31,12 @@ import torch
 
 from tokenmill.kernels.triton_support import interpreted
 from tokenmill.layers import kv_int8
-from tokenmill.layers.attention import AttentionMetadata, DeviceRows, TorchPagedAttention
+from tokenmill.layers.attention import (
+    AttentionMetadata,
+    DeviceRows,
+    TorchPagedAttention,
+    to_cache_dtype,
+)
 
 # triton.language, bound by `_kernel()`: triton resolves `tl` in a kernel's module globals (the
 # interpreter patches it there), so it cannot be a local of the function that defines it.
@@ -147,11 +152,10 @@ def _kernel() -> Any:
                                  k_ok, v_ok, D, BS)
                 if not UPCAST:
                     k, v = k.to(q.dtype), v.to(q.dtype)
-            else:
+            else:  # the model's dtype, or float8 widened to it (no-op casts otherwise)
                 k, v = _load_kv(k_base, v_base, blk, offs_n, offs_d, k_ok, v_ok, skb, sko,
                                 svb, svo, BS)
-                if UPCAST:
-                    k, v = k.to(tl.float32), v.to(tl.float32)
+                k, v = k.to(q.dtype), v.to(q.dtype)
             s = tl.dot(q, k, input_precision=PRECISION) * scale
             see = key_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             if window > 0:
@@ -184,8 +188,9 @@ def _next_pow2(n: int) -> int:
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
                     scale: float) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]; kv_cache [2, Hk, n_blocks, bs, D], or the int8 cache
-    [2, Hk, n_blocks, bytes] (dequantized as it is read), this step's keys already written.
+    """q [T, Hq, D] -> [T, Hq, D]; kv_cache [2, Hk, n_blocks, bs, D] of q's dtype or float8,
+    or the int8 cache [2, Hk, n_blocks, bytes] (both widened as they are read), this step's
+    keys already written.
     `rows` from `build_device_rows` for the same step."""
     t, hq, d = q.shape
     hk, g = kv_cache.shape[1], hq // kv_cache.shape[1]
@@ -273,24 +278,31 @@ class TritonPagedAttention(TorchPagedAttention):
         return paged_attention(q, kv_cache, meta.device_rows, scale)
 
 
-def self_check(device: torch.device, kv8: bool = False) -> str | None:
+def self_check(device: torch.device, kv_cache_dtype: str = "auto") -> str | None:
     """Run the kernel once on `device` against the torch path (a small mixed step), over a
-    plain cache and, with `kv8`, the int8 one too (that variant is compiled only for engines
-    that use it); None when it agrees, else what went wrong. The `auto` backend uses Triton only
-    after this passes, so a triton or driver that cannot build the kernel costs speed, not the
-    engine."""
+    plain cache and the engine's `--kv-cache-dtype` one (int8 or float8: those variants are
+    compiled only for engines that use them); None when it agrees, else what went wrong. The
+    `auto` backend uses Triton only after this passes, so a triton, GPU or driver that cannot
+    build the kernel (float8 needs sm89+) costs speed, not the engine."""
     try:
         gen = torch.Generator().manual_seed(0)
         hq, hk, d, bs = 4, 2, 64, 16
         qlens, ctxs, tables = [1, 20], [37, 20], [[0, 1, 2], [3, 4]]
         plain = torch.randn(2, hk, 5, bs, d, generator=gen).to(device)
-        int8 = torch.zeros(2, hk, 5, kv_int8.block_bytes(bs, d), dtype=torch.int8, device=device)
-        flat = plain.view(2, hk, 5 * bs, d).transpose(1, 2)
-        kv_int8.write(int8, flat[0], flat[1], torch.arange(5 * bs, device=device))
+        caches = [plain]
+        if kv_cache_dtype == "int8":
+            int8 = torch.zeros(2, hk, 5, kv_int8.block_bytes(bs, d), dtype=torch.int8,
+                               device=device)
+            flat = plain.view(2, hk, 5 * bs, d).transpose(1, 2)
+            kv_int8.write(int8, flat[0], flat[1], torch.arange(5 * bs, device=device))
+            caches.append(int8)
+        elif kv_cache_dtype.startswith("fp8"):
+            caches.append(to_cache_dtype(plain, torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2"
+                                         else torch.float8_e4m3fn))
         q, k, v = (torch.randn(sum(qlens), h, d, generator=gen).to(device) for h in (hq, hk, hk))
         tri, ref = TritonPagedAttention(), TorchPagedAttention()
         err = 0.0
-        for cache in (plain, int8) if kv8 else (plain,):
+        for cache in caches:
             got = tri.forward(q, k, v, cache.clone(), tri.build_metadata(
                 qlens, ctxs, tables, bs, None, device), d ** -0.5)
             ref_meta = ref.build_metadata(qlens, ctxs, tables, bs, None, device)

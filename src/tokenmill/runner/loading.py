@@ -153,10 +153,17 @@ def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> float:
 
 
 def kv_cache_dtype(lm: LoadedModel, cache: CacheConfig) -> torch.dtype:
-    """The cache's element type: the model's, or int8 where `--kv-cache-dtype int8` can
-    serve this model (a clear start-up error where it cannot)."""
+    """The cache's element type: the model's, a float8 type (`fp8_e4m3fn`, `fp8_e5m2`), or
+    int8 where `--kv-cache-dtype int8` can serve this model (a clear start-up error where it
+    cannot)."""
     if cache.kv_cache_dtype == "auto":
         return lm.dtype
+    if cache.kv_cache_dtype.startswith("fp8"):
+        if lm.device.type != "cuda":
+            logger.warning("--kv-cache-dtype %s on CPU: attention takes the torch path (no "
+                           "native kernel reads float8), slower than auto or int8, which "
+                           "saves as much memory", cache.kv_cache_dtype)
+        return torch.float8_e5m2 if cache.kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
     problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size)
     if problem is not None:
         raise ModelLoadError(problem)
