@@ -72,6 +72,7 @@ if [ "$model_ok" != 1 ]; then
   deselect=(-k "not test_cuda_engine_matches_cpu and not test_cuda_bias_matches_cpu")
   log "without the model: ${deselect[1]}"
 fi
+# (tests/test_device_check.py keeps its GPU_TEST_FILES in step with this list)
 timeout 220 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${deselect[@]}" \
   tests/models/test_model_parity.py tests/models/test_triton_attention.py \
   tests/lora/test_lora_triton.py tests/guided/test_guided_backend.py \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from tokenmill.loader import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_check.sh"
+GPU_TEST_FILES = ["tests/models/test_model_parity.py", "tests/models/test_triton_attention.py",
+                  "tests/lora/test_lora_triton.py", "tests/guided/test_guided_backend.py",
+                  "tests/e2e/test_batching.py"]
 
 
 def _devkit(tmp: Path, damage: str | None = None) -> Path:
@@ -72,3 +76,38 @@ def test_without_a_good_model_the_rest_still_runs(tmp_path: Path, damage: str) -
     assert "without the model: not test_cuda_engine_matches_cpu" in log
     assert not (out / "gpu.json").exists()
     assert not list((tmp_path / "machine" / "cache").glob("*.gguf"))
+
+
+# Packages the device image lacks that scripts/devkit.sh does not carry (the server's): the
+# engine, the CUDA tests and the GPU benchmark must not need them.
+BLOCKER = """
+import importlib.abc, runpy, sys
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"fastapi", "starlette", "uvicorn", "orjson", "pydantic",
+                                  "pydantic_core", "openai", "jsonschema", "matplotlib"}:
+            raise ImportError("not on the device image: " + name)
+sys.meta_path.insert(0, Blocker())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_device_run_needs_no_server_packages(tmp_path: Path) -> None:
+    """What device_check.sh runs imports nothing the device lacks beyond the carried wheels:
+    the CUDA tests' files and `gpu_decode.py` (its smoke shape) under an import blocker."""
+    shim = tmp_path / "blocker.py"
+    shim.write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "benchmarks")]))
+    collect = subprocess.run([sys.executable, str(shim), "pytest", "--collect-only", "-q",
+                              "-m", "gpu", "-p", "no:cacheprovider", *GPU_TEST_FILES],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert collect.returncode == 0 and "error" not in collect.stdout.lower(), collect.stdout
+    assert "test_cuda_engine_matches_cpu" in collect.stdout
+    assert set(re.findall(r"tests/\S+\.py", SCRIPT.read_text())) == set(GPU_TEST_FILES)
+    bench = subprocess.run([sys.executable, str(shim), "gpu_decode", "--device", "cpu",
+                            "--shapes", "tiny", "--concurrency", "1", "--new-tokens", "2",
+                            "--decode-tokens", "3"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert bench.returncode == 0 and "| tiny |" in bench.stdout, bench.stderr[-3000:]
