@@ -39,7 +39,7 @@ from tokenmill.bench.client import ClientConfig
 from tokenmill.bench.metrics import LevelSummary
 from tokenmill.bench.runner import ServerRun, run_server
 from tokenmill.bench.workload import LengthDist, Workload, load_tokenizer
-from tokenmill.config import KV_CACHE_DTYPES, QUANTIZE_METHODS
+from tokenmill.config import QUANTIZE_METHODS
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON",
@@ -324,9 +324,10 @@ def main() -> int:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_METHODS),
                     help="tokenmill's --quantize, for the server and the offline run")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                     help="tokenmill's --kv-cache-dtype; int8 gives llama-server its q8_0 "
-                         "cache (-ctk q8_0 -ctv q8_0 -fa on), the same format")
+                         "cache (-ctk q8_0 -ctv q8_0 -fa on), the same format (the fp8 "
+                         "caches are for CUDA: on CPU they take the slow torch path)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server threads (tokenmill: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
