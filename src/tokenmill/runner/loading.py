@@ -159,10 +159,6 @@ def kv_cache_dtype(lm: LoadedModel, cache: CacheConfig) -> torch.dtype:
     if cache.kv_cache_dtype == "auto":
         return lm.dtype
     if cache.kv_cache_dtype.startswith("fp8"):
-        if lm.device.type != "cuda":
-            logger.warning("--kv-cache-dtype %s on CPU: attention takes the torch path (no "
-                           "native kernel reads float8), slower than auto or int8, which "
-                           "saves as much memory", cache.kv_cache_dtype)
         return torch.float8_e5m2 if cache.kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
     problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size)
     if problem is not None:
@@ -201,6 +197,10 @@ def build_runner(lm: LoadedModel, cache: CacheConfig,
                  cuda_graphs: list[int] | None = None) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
     kv_dtype = kv_cache_dtype(lm, cache)
+    if kv_dtype.is_floating_point and kv_dtype.itemsize == 1 and lm.device.type != "cuda":
+        logger.warning("--kv-cache-dtype %s on CPU: attention takes the torch path (no native "
+                       "kernel reads float8), slower than auto or int8, which saves as much "
+                       "memory", cache.kv_cache_dtype)
     wm = watermark or WatermarkConfig()
     runner = ModelRunner(lm.model, lm.model.backend, lm.device, blocks, cache.block_size,
                          kv_dtype, WatermarkBias(wm.watermark_gamma, wm.watermark_delta),
