@@ -53,11 +53,13 @@ MAX_SPLITS = 32
 # it calls in its module's globals too).
 _load_kv: Any = None
 _load_kv8: Any = None
+_softmax_step: Any = None
+_store_split: Any = None
 
 
 @functools.cache
 def _kernel() -> Any:
-    global tl, _load_kv, _load_kv8
+    global tl, _load_kv, _load_kv8, _softmax_step, _store_split
     import triton
     import triton.language as tl
 
@@ -90,7 +92,31 @@ def _kernel() -> Any:
         k = ((kq.to(tl.int32) & 255) - 128).to(tl.float32) * ksc
         return k, vq.to(tl.float32) * vsc
 
+    @triton.jit
+    def softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+        """One step of the online softmax: scores s [M, BLOCK_N] (-inf where a row does not
+        see the key) and values v [BLOCK_N, D_PAD] folded into the running max m_i, sum l_i
+        and unnormalized output acc."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def store_split(part_ptr, m_ptr, l_ptr, acc, m_i, l_i, split, row, head, row_ok, offs_d,
+                    T, HQ, D_PAD: tl.constexpr):
+        """A split-key program's partial result, unnormalized with its running max and sum,
+        for _combine: [splits, T, Hq] flat."""
+        part = (split * T + row) * HQ + head
+        tl.store(part_ptr + part[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(m_ptr + part, m_i, mask=row_ok)
+        tl.store(l_ptr + part, l_i, mask=row_ok)
+
     _load_kv, _load_kv8 = load_kv, load_kv8
+    _softmax_step, _store_split = softmax_step, store_split
 
     @triton.jit
     def paged_attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, qblocks_ptr, seqs_ptr,
@@ -160,20 +186,11 @@ def _kernel() -> Any:
             see = key_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             if window > 0:
                 see = see & (offs_n[None, :] > pos[:, None] - window)
-            s = tl.where(see, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        if SPLIT:  # unnormalized, with the running max and sum, for _combine
-            part = (split * T + row) * HQ + head  # [splits, T, Hq] flat
-            tl.store(part_ptr + part[:, None] * D_PAD + offs_d[None, :], acc,
-                     mask=row_ok[:, None])
-            tl.store(m_ptr + part, m_i, mask=row_ok)
-            tl.store(l_ptr + part, l_i, mask=row_ok)
+            m_i, l_i, acc = _softmax_step(tl.where(see, s, float("-inf")), v, m_i, l_i, acc,
+                                          PRECISION)
+        if SPLIT:
+            _store_split(part_ptr, m_ptr, l_ptr, acc, m_i, l_i, split, row, head, row_ok,
+                         offs_d, T, HQ, D_PAD)
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(o_ptr + row[:, None] * sot + head[:, None] * soh + offs_d[None, :],
