@@ -76,7 +76,7 @@ double gmacs(int64_t K, int64_t N, int reps) {
   auto next = [&r] { return r = r * 1664525u + 1013904223u; };
   for (auto& b : w) b = uint8_t(next() >> 24);
   for (auto& v : sz) v = uint16_t(0x3c00 + (next() >> 28));  // small positive bfloat16
-  for (auto& v : xq) v = int8_t(int(next() >> 24) - 128 < -127 ? -127 : int(next() >> 24) - 128);
+  for (auto& v : xq) v = int8_t(std::max(-127, int(next() >> 24) - 128));  // as quantized
   for (auto& a : act) set_act(a, 0.01f, int32_t(next() >> 26) - 32);
   auto run = [&] {
     for (int64_t t = 0; t < tiles; ++t)
