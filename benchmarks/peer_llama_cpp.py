@@ -39,7 +39,7 @@ from tokenmill.bench.client import ClientConfig
 from tokenmill.bench.metrics import LevelSummary
 from tokenmill.bench.runner import ServerRun, run_server
 from tokenmill.bench.workload import LengthDist, Workload, load_tokenizer
-from tokenmill.config import QUANTIZE_METHODS
+from tokenmill.config import QUANTIZE_CHOICES
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON",
@@ -322,8 +322,9 @@ def main() -> int:
     ap.add_argument("--offline-repeats", type=int, default=3,
                     help="alternating tokenmill/transformers throughput pairs (median ratio)")
     ap.add_argument("--skip-offline", action="store_true")
-    ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_METHODS),
-                    help="tokenmill's --quantize, for the server and the offline run")
+    ap.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                    help="tokenmill's --quantize, for the server and the offline run "
+                         "(default: as the GGUF is, w4a8 for Q4_0/Q4_1 weights)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                     help="tokenmill's --kv-cache-dtype; int8 gives llama-server its q8_0 "
                          "cache (-ctk q8_0 -ctv q8_0 -fa on), the same format (the fp8 "
@@ -403,7 +404,7 @@ def main() -> int:
         f"- machine: {os.cpu_count()} CPUs, {os.uname().machine}; {start_line}; {end_line}",
         f"- model: {gguf.name}; tokenmill dtype {info.get('model_dtype', '?')} "
         + (f"with --quantize {args.quantize}, " if args.quantize else
-           "(weights dequantized at load), ")
+           "with the GGUF's default (4-bit Q4_0/Q4_1 weights: w4a8), ")
         + f"llama-server on the quantized GGUF ({version}, -t {args.threads}, -np {n_par})"
         + ("; int8 KV caches (tokenmill --kv-cache-dtype int8, llama-server -ctk/-ctv q8_0)"
            if args.kv_cache_dtype == "int8" else ""),

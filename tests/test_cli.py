@@ -46,6 +46,8 @@ def test_quantize_flag_reaches_the_engine_config(monkeypatch: pytest.MonkeyPatch
     assert EngineConfig.from_kwargs(**_engine_kwargs(parse())).model.quantize is None
     cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--quantize", "int4")))
     assert cfg.model.quantize == "int4"
+    cfg = EngineConfig.from_kwargs(**_engine_kwargs(parse("--quantize", "none")))
+    assert cfg.model.quantize == "none"  # the GGUF's 4-bit weights dequantized, not w4a8
     monkeypatch.setenv("QUANTIZE", "int4")
     assert parse().quantize == "int4"
     with pytest.raises(SystemExit):

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from tokenmill.bench.cli import add_bench_parser
-from tokenmill.config import QUANTIZE_METHODS
+from tokenmill.config import QUANTIZE_CHOICES
 from tokenmill.watermark.cli import add_watermark_parser
 
 
@@ -21,11 +21,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=_env_default("--device", str, "auto"))
     g.add_argument("--quantize", default=_env_default("--quantize", str, None),
-                   choices=list(QUANTIZE_METHODS),
-                   help="quantization at load (CPU), for small-batch decode: int4 (weights in "
-                        "groups of 32, exact for Q4_0/Q4_1 GGUF weights, bf16 activations); "
-                        "w4a8 (the same weights, activations rounded to int8 per group of 32 "
-                        "as llama.cpp does; faster, native kernel)")
+                   choices=list(QUANTIZE_CHOICES),
+                   help="quantization of the linear layers at load (CPU). Default: as the "
+                        "checkpoint is (a GGUF with 4-bit Q4_0/Q4_1 weights runs them as "
+                        "w4a8, as llama.cpp would; other checkpoints as loaded). none: the "
+                        "weights as loaded, in --dtype; int4: weights in groups of 32 (exact "
+                        "for Q4_0/Q4_1 GGUF weights), bf16 activations; w4a8: the same "
+                        "weights, activations rounded to int8 per group of 32 as llama.cpp "
+                        "does (native kernel, the fastest)")
     g.add_argument("--load-format", default=_env_default("--load-format", str, "auto"),
                    choices=["auto", "dummy"],
                    help="dummy: random weights of the model's shapes, nothing read but "

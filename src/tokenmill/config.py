@@ -55,7 +55,10 @@ class SchedulerConfig:
             raise ValueError("max_active_adapters must be at least 1")
 
 
-QUANTIZE_METHODS = ("int4", "w4a8")  # --quantize values (layers/quant.py implements them)
+QUANTIZE_METHODS = ("int4", "w4a8")  # quantizations layers/quant.py implements
+# --quantize values: "none" keeps the weights as loaded (in `dtype`) even where the
+# checkpoint's own default would quantize them (runner/loading.py: `resolve_quantize`).
+QUANTIZE_CHOICES = ("none", *QUANTIZE_METHODS)
 
 
 @dataclass(slots=True)
@@ -69,7 +72,9 @@ class ModelConfig:
     seed: int = 0  # base seed for requests that give none
     # LoRA adapters loaded at start: "name=path" or a path (its folder name is the name).
     lora_adapters: list[str] = field(default_factory=list)
-    # Weight-only quantization of the linear layers at load: None (as loaded) or "int4" (CPU).
+    # Quantization of the linear layers at load (CPU): None follows the checkpoint (a GGUF
+    # whose linear weights are 4-bit Q4_0/Q4_1 runs them as w4a8, as llama.cpp would; any
+    # other checkpoint as loaded); "none": as loaded, in `dtype`; "int4" or "w4a8".
     quantize: str | None = None
     # "dummy": random weights of the checkpoint's shapes, nothing read (benchmarks of large
     # shapes without a download: only config.json and the tokenizer are needed).
@@ -85,9 +90,9 @@ class ModelConfig:
             raise ValueError(f"unknown load format {self.load_format!r}; available: auto, dummy")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"unknown quantization {self.quantize!r}; "
-                             f"available: {', '.join(QUANTIZE_METHODS)}")
+                             f"available: {', '.join(QUANTIZE_CHOICES)}")
 
 
 @dataclass(slots=True)

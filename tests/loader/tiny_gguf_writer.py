@@ -19,6 +19,15 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def _llamacpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `_llamacpp_permute`."""
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
 def _hf_weights(
     arch: str, *, tied: bool, bias: bool, qk_norm: bool, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -86,9 +95,12 @@ def write_tiny_gguf(
     *,
     tied: bool = False,
     q8_embeddings: bool = False,
+    linear_types: dict[str, str] | None = None,
     extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a tiny GGUF of `arch`; returns the HF-named weights a loader should give back."""
+    """Write a tiny GGUF of `arch`; returns the HF-named weights a loader should give back.
+    `linear_types` stores the layers' 2-D weights quantized: {"*": "Q4_1"} all of them, or
+    per GGUF name ("blk.0.ffn_down.weight": "Q8_0"), a name winning over "*"."""
     bias = arch == "qwen2"
     hf = _hf_weights(arch, tied=tied, bias=bias, qk_norm=arch == "qwen3")
     writer = gguf.GGUFWriter(str(path), arch)
@@ -116,7 +128,19 @@ def write_tiny_gguf(
             stored = _llamacpp_permute(w, HEADS)
         elif arch == "llama" and g.split(".")[-2:-1] == ["attn_k"]:
             stored = _llamacpp_permute(w, KV_HEADS)
-        if q8_embeddings and g == "token_embd.weight":
+        kind = None
+        if g.startswith("blk.") and stored.ndim == 2 and linear_types:
+            kind = linear_types.get(g, linear_types.get("*"))
+        if kind is not None:
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            quantized = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(g, quantized, raw_dtype=qtype)
+            back = gguf.quants.dequantize(quantized, qtype)
+            if arch == "llama" and g.split(".")[-2] in ("attn_q", "attn_k"):
+                heads = HEADS if g.split(".")[-2] == "attn_q" else KV_HEADS
+                back = _llamacpp_unpermute(back, heads)
+            expected[name] = back
+        elif q8_embeddings and g == "token_embd.weight":
             qtype = gguf.GGMLQuantizationType.Q8_0
             quantized = gguf.quants.quantize(stored, qtype)
             writer.add_tensor(g, quantized, raw_dtype=qtype)

@@ -72,6 +72,44 @@ def _free_memory_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
+# GGUF weight types whose values int4 groups of 32 hold exactly: Q4_0 (w = (q - 8) d) and
+# Q4_1 (w = q d + m), both in blocks of 32 (layers/quant.py).
+FOUR_BIT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1"})
+
+
+def checkpoint_quantize(source: ModelSource, device: torch.device,
+                        dtype: torch.dtype) -> str | None:
+    """The quantization a checkpoint implies by itself: a GGUF whose linear layers are all
+    Q4_0/Q4_1 runs them as w4a8 on a CPU with the native VNNI kernel and bfloat16
+    activations, the arithmetic llama.cpp uses for those files (4-bit weights, activations
+    rounded to int8 per group of 32). Dequantized to bfloat16 instead, a decode step reads 4x
+    the bytes and runs the layers one by one from Python (SmolLM2-135M: ~38 against ~250
+    tokens/s at batch 1). Not with float32 activations: the float32 attention kernel is not
+    batch-invariant to the last bit, and int8 rounding can turn that into another greedy
+    token. Anything else (safetensors, other GGUF types, CUDA): None, the weights as loaded."""
+    if device.type != "cpu" or source.format != "gguf" or dtype != torch.bfloat16:
+        return None
+    from tokenmill.kernels.cpu import cpu_kernels
+    from tokenmill.loader import read_gguf
+
+    linear = [t.tensor_type.name for t in read_gguf(source.path).tensors
+              if t.name.startswith("blk.") and len(t.shape) == 2]
+    if not linear or any(name not in FOUR_BIT_GGUF_TYPES for name in linear):
+        return None
+    kernels = cpu_kernels()
+    return "w4a8" if kernels is not None and kernels.w4a8_vnni else None
+
+
+def resolve_quantize(cfg: ModelConfig, source: ModelSource, device: torch.device,
+                     dtype: torch.dtype) -> str | None:
+    """`--quantize` as it applies: "none" is None, unset follows the checkpoint."""
+    if cfg.quantize == "none":
+        return None
+    if cfg.quantize is not None:
+        return cfg.quantize
+    return checkpoint_quantize(source, device, dtype)
+
+
 @dataclass
 class LoadedModel:
     source: ModelSource
@@ -80,6 +118,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     device: torch.device
     dtype: torch.dtype
+    quantize: str | None = None  # the quantization in effect (resolve_quantize)
 
 
 def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
@@ -117,18 +156,25 @@ def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
             raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights "
                                  f"({names})")
     model.eval()
-    if cfg.quantize is not None:
+    quantize = resolve_quantize(cfg, source, device, dtype)
+    if quantize is not None:
         if device.type != "cpu":
-            raise ModelLoadError(f"--quantize {cfg.quantize} runs on the CPU only (for now)")
-        if dtype != torch.bfloat16:
-            logger.warning("--quantize %s: aten's int4 kernel is fast with bfloat16 activations "
-                           "only; with %s it is correct but slow", cfg.quantize, dtype)
-        n = quantize_model(model, cfg.quantize, dtype)
-        logger.info("%s weight-only quantization: %d linear layers", cfg.quantize, n)
+            raise ModelLoadError(f"--quantize {quantize} runs on the CPU only (for now)")
+        if quantize == "int4" and dtype != torch.bfloat16:
+            logger.warning("--quantize int4: aten's int4 kernel is fast with bfloat16 "
+                           "activations only; with %s it is correct but slow", dtype)
+        n = quantize_model(model, quantize, dtype)
+        if cfg.quantize is None:
+            logger.info("%s: 4-bit GGUF weights run as w4a8 (int4 weights, int8 activations, "
+                        "as llama.cpp computes them; --quantize none keeps %s weights): %d "
+                        "linear layers", source.path.name, str(dtype).removeprefix("torch."), n)
+        else:
+            logger.info("%s weight-only quantization: %d linear layers", quantize, n)
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
                 type(model).__name__, device, str(dtype).removeprefix("torch."),
                 time.perf_counter() - t0)
-    return LoadedModel(source, hf_config, source.generation_config(), model, device, dtype)
+    return LoadedModel(source, hf_config, source.generation_config(), model, device, dtype,
+                       quantize)
 
 
 @torch.no_grad()
