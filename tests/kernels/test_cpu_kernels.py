@@ -206,6 +206,37 @@ def test_paged_decode_matches_sdpa(dtype: torch.dtype, hq: int, hk: int, d: int,
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bs", [16, 8])  # bfloat16: the 16-key tiles, and the generic loops
+def test_paged_decode_rows_do_not_depend_on_the_batch(dtype: torch.dtype, threads: int, bs: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each row's output is bit for bit the same alone as among other rows (batch invariance:
+    a greedy token must not change with the company it keeps). float32 broke this once: the
+    compiler's versions of the inlined score sum switched with the next work item's length."""
+    kernel = cpu_kernels()
+    assert kernel is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(3)
+    hq, hk, d = 9, 3, 64
+    ctxs = [113, 40, 77, 5, 120, 64, 17]
+    per = [-(-c // bs) for c in ctxs]
+    cache = torch.randn(2, hk, sum(per), bs, d, generator=g).to(dtype)
+    tables = torch.zeros(len(ctxs), max(per), dtype=torch.long)
+    first = 0
+    for i, n in enumerate(per):
+        tables[i, :n] = torch.arange(first, first + n)
+        first += n
+    bounds = torch.tensor([[0, c] for c in ctxs])
+    q = torch.randn(len(ctxs), hq, d, generator=g).to(dtype)
+    batch = kernel.paged_decode(q, cache, tables, bounds, max(ctxs), d ** -0.5)
+    for i, c in enumerate(ctxs):
+        alone = kernel.paged_decode(q[i:i + 1].contiguous(), cache, tables[i:i + 1].contiguous(),
+                                    bounds[i:i + 1].contiguous(), c, d ** -0.5)
+        assert torch.equal(alone[0], batch[i]), i
+
+
+@needs_compiler
 def test_decode_kernel_declines_what_it_cannot_take() -> None:
     kernel = cpu_kernels()
     assert kernel is not None

@@ -20,7 +20,6 @@ from tokenmill.runner.loading import checkpoint_quantize, load_model, resolve_qu
 _K = cpu_kernels()
 VNNI = _K is not None and _K.w4a8_vnni
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # (no CUDA needed to name it)
-BF16 = torch.bfloat16
 W4A8 = "w4a8" if VNNI else None  # without the VNNI kernel the GGUF loads as it is
 
 
@@ -46,25 +45,27 @@ def _gguf(folder: Path, types: dict[str, str] | None) -> ModelSource:
 def test_the_gguf_weight_types_decide(tmp_path: Path, types: dict[str, str] | None,
                                       want: str | None) -> None:
     source = _gguf(tmp_path, types)
-    assert checkpoint_quantize(source, CPU, BF16) == want
-    assert checkpoint_quantize(source, CUDA, BF16) is None  # the native kernels are the CPU's
-    assert checkpoint_quantize(source, CPU, torch.float32) is None  # bfloat16 activations only
+    assert checkpoint_quantize(source, CPU) == want
+    assert checkpoint_quantize(source, CPU, "bfloat16") == want
+    assert checkpoint_quantize(source, CUDA) is None  # the native kernels are the CPU's
+    for precise in ("float32", "float16"):  # asked for: the dequantized weights' precision
+        assert checkpoint_quantize(source, CPU, precise) is None
 
 
 def test_the_flag_wins(tmp_path: Path) -> None:
     source = _gguf(tmp_path, {"*": "Q4_1"})
-    assert resolve_quantize(ModelConfig(), source, CPU, BF16) == W4A8
-    assert resolve_quantize(ModelConfig(quantize="none"), source, CPU, BF16) is None
-    assert resolve_quantize(ModelConfig(quantize="int4"), source, CPU, BF16) == "int4"
+    assert resolve_quantize(ModelConfig(), source, CPU) == W4A8
+    assert resolve_quantize(ModelConfig(quantize="none"), source, CPU) is None
+    assert resolve_quantize(ModelConfig(quantize="int4"), source, CPU) == "int4"
     f32 = _gguf(tmp_path / "f32", None)
-    assert resolve_quantize(ModelConfig(quantize="w4a8"), f32, CPU, BF16) == "w4a8"
+    assert resolve_quantize(ModelConfig(quantize="w4a8"), f32, CPU) == "w4a8"
     with pytest.raises(ValueError, match="unknown quantization"):
         ModelConfig(quantize="auto")
 
 
 def test_a_safetensors_folder_loads_as_it_is(tmp_path: Path) -> None:
     source = ModelSource(model_id="m", path=tmp_path, format="hf")  # nothing is read
-    assert checkpoint_quantize(source, CPU, BF16) is None
+    assert checkpoint_quantize(source, CPU) is None
 
 
 @pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI: the default GGUF loads unquantized")

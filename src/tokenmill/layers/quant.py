@@ -21,8 +21,8 @@ exactly its dequantized reference.
 `w4a8` has the same weights but also quantizes the activations, per row and group of 32, to
 int8 (llama.cpp's Q4_1 x Q8_1 arithmetic), and multiplies with integer dot products in a
 native kernel (kernels/csrc/w4a8.cpp): a different, slightly less exact numerics, so
-opt-in, except for a GGUF whose linear layers are Q4_0/Q4_1 on a CPU with bfloat16
-activations: such a file is made for this arithmetic, and gets it by default
+opt-in, except for a GGUF whose linear layers are Q4_0/Q4_1 on a CPU (unless float32 or
+float16 is asked for): such a file is made for this arithmetic, and gets it by default
 (runner/loading.py `checkpoint_quantize`; `--quantize none` keeps the dequantized weights).
 """
 

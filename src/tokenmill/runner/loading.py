@@ -78,16 +78,16 @@ FOUR_BIT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1"})
 
 
 def checkpoint_quantize(source: ModelSource, device: torch.device,
-                        dtype: torch.dtype) -> str | None:
+                        dtype: str = "auto") -> str | None:
     """The quantization a checkpoint implies by itself: a GGUF whose linear layers are all
-    Q4_0/Q4_1 runs them as w4a8 on a CPU with the native VNNI kernel and bfloat16
-    activations, the arithmetic llama.cpp uses for those files (4-bit weights, activations
-    rounded to int8 per group of 32). Dequantized to bfloat16 instead, a decode step reads 4x
-    the bytes and runs the layers one by one from Python (SmolLM2-135M: ~38 against ~250
-    tokens/s at batch 1). Not with float32 activations: the float32 attention kernel is not
-    batch-invariant to the last bit, and int8 rounding can turn that into another greedy
-    token. Anything else (safetensors, other GGUF types, CUDA): None, the weights as loaded."""
-    if device.type != "cpu" or source.format != "gguf" or dtype != torch.bfloat16:
+    Q4_0/Q4_1 runs them as w4a8 on a CPU with the native VNNI kernel, the arithmetic llama.cpp
+    uses for those files (4-bit weights, activations rounded to int8 per group of 32).
+    Dequantized to bfloat16 instead, a decode step reads 4x the bytes and runs the layers one
+    by one from Python (SmolLM2-135M: ~38 against ~250 tokens/s at batch 1). Not when
+    `dtype` (as asked for) is float32 or float16: that asks for the dequantized weights'
+    precision (the transformers oracle tests run so). Anything else (safetensors, other GGUF
+    types, CUDA): None, the weights as loaded."""
+    if device.type != "cpu" or source.format != "gguf" or dtype not in ("auto", "bfloat16"):
         return None
     from tokenmill.kernels.cpu import cpu_kernels
     from tokenmill.loader import read_gguf
@@ -100,14 +100,13 @@ def checkpoint_quantize(source: ModelSource, device: torch.device,
     return "w4a8" if kernels is not None and kernels.w4a8_vnni else None
 
 
-def resolve_quantize(cfg: ModelConfig, source: ModelSource, device: torch.device,
-                     dtype: torch.dtype) -> str | None:
+def resolve_quantize(cfg: ModelConfig, source: ModelSource, device: torch.device) -> str | None:
     """`--quantize` as it applies: "none" is None, unset follows the checkpoint."""
     if cfg.quantize == "none":
         return None
     if cfg.quantize is not None:
         return cfg.quantize
-    return checkpoint_quantize(source, device, dtype)
+    return checkpoint_quantize(source, device, cfg.dtype)
 
 
 @dataclass
@@ -156,7 +155,7 @@ def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
             raise ModelLoadError(f"{source.path}: checkpoint lacks {len(missing)} weights "
                                  f"({names})")
     model.eval()
-    quantize = resolve_quantize(cfg, source, device, dtype)
+    quantize = resolve_quantize(cfg, source, device)
     if quantize is not None:
         if device.type != "cpu":
             raise ModelLoadError(f"--quantize {quantize} runs on the CPU only (for now)")

@@ -106,6 +106,19 @@ inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, 
 #endif
 
 
+// q . k over n dims (k of the cache's type). Not inlined, on purpose: inlined into
+// paged_decode's loops, GCC compiled this sum in several versions (loop versioning around the
+// prefetch's progress), and which version ran depended on the next work item, so a float32
+// row's scores changed in the last bit with the rest of the batch. One compiled body gives
+// one summation order.
+template <typename T>
+[[gnu::noinline]] float dot_row(const float* q, const T* k, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += q[d] * load(k, d);
+  return s;
+}
+
 // sc[g][0:n] = scale * (q_g . K[p]) for the item's keys p, n = end - start, G query heads
 // (row q, heads D apart); rows of sc `stride` apart. Prefetches the next item as it goes.
 template <typename T, int64_t DC>
@@ -144,11 +157,7 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
     for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
       const T* krow = kb + (p - p0) * D;
       for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qg[d] * load(krow, d);
-        sc[g * stride + (p - start)] = s;
+        sc[g * stride + (p - start)] = dot_row(qf + g * D, krow, D);
       }
     }
   }
@@ -228,7 +237,10 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
 #pragma omp parallel num_threads(threads)
   {
     float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
-    float qf[16 * 256], acc[16 * 256];  // G * D <= 4096, checked by the caller
+    // Aligned alike on every thread's stack: the vector sums over qf split the same way
+    // whichever thread runs an item.
+    alignas(64) float qf[16 * 256];
+    alignas(64) float acc[16 * 256];  // G * D <= 4096, checked by the caller
     Prefetch<E> pf;
     Q8 q8;  // the int8 cache's quantized query (unused otherwise)
 #pragma omp for schedule(static)
