@@ -245,9 +245,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
         log(f"offline pair {i + 1}/{args.offline_repeats}: tokenmill {tm:.1f} tok/s, "
             f"transformers {hf:.1f} tok/s ({tm / hf:.2f}x)")
         r["pairs"].append((tm, hf))
-    ratios = sorted(tm / hf for tm, hf in r["pairs"])
-    r["ratio"] = ratios[len(ratios) // 2] if len(ratios) % 2 else (
-        (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2)
+    r["ratio"] = statistics.median(tm / hf for tm, hf in r["pairs"])
     r["tm_batch"] = statistics.median(tm for tm, _ in r["pairs"])
     r["hf_batch"] = statistics.median(hf for _, hf in r["pairs"])
     return r

@@ -279,6 +279,8 @@ def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> 
 
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# `--kv-cache-dtype` names of the float8 caches (config.KV_CACHE_DTYPES).
+FLOAT8_CACHES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

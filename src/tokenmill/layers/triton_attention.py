@@ -32,6 +32,7 @@ import torch
 from tokenmill.kernels.triton_support import interpreted
 from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import (
+    FLOAT8_CACHES,
     AttentionMetadata,
     DeviceRows,
     TorchPagedAttention,
@@ -313,9 +314,8 @@ def self_check(device: torch.device, kv_cache_dtype: str = "auto") -> str | None
             flat = plain.view(2, hk, 5 * bs, d).transpose(1, 2)
             kv_int8.write(int8, flat[0], flat[1], torch.arange(5 * bs, device=device))
             caches.append(int8)
-        elif kv_cache_dtype.startswith("fp8"):
-            caches.append(to_cache_dtype(plain, torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2"
-                                         else torch.float8_e4m3fn))
+        elif kv_cache_dtype in FLOAT8_CACHES:
+            caches.append(to_cache_dtype(plain, FLOAT8_CACHES[kv_cache_dtype]))
         q, k, v = (torch.randn(sum(qlens), h, d, generator=gen).to(device) for h in (hq, hk, hk))
         tri, ref = TritonPagedAttention(), TorchPagedAttention()
         err = 0.0

@@ -21,7 +21,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers import kv_int8
-from tokenmill.layers.attention import get_attention_backend
+from tokenmill.layers.attention import FLOAT8, FLOAT8_CACHES, get_attention_backend
 from tokenmill.layers.quant import quantize_model
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
 from tokenmill.lora.adapter import adapter_location, parse_adapter_specs
@@ -203,8 +203,8 @@ def kv_cache_dtype(lm: LoadedModel, cache: CacheConfig) -> torch.dtype:
     cannot)."""
     if cache.kv_cache_dtype == "auto":
         return lm.dtype
-    if cache.kv_cache_dtype.startswith("fp8"):
-        return torch.float8_e5m2 if cache.kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    if cache.kv_cache_dtype in FLOAT8_CACHES:
+        return FLOAT8_CACHES[cache.kv_cache_dtype]
     problem = kv_int8.unsupported(lm.model.cfg.head_dim, cache.block_size)
     if problem is not None:
         raise ModelLoadError(problem)
@@ -242,7 +242,7 @@ def build_runner(lm: LoadedModel, cache: CacheConfig,
                  cuda_graphs: list[int] | None = None) -> ModelRunner:
     blocks = num_kv_blocks(lm, cache)
     kv_dtype = kv_cache_dtype(lm, cache)
-    if kv_dtype.is_floating_point and kv_dtype.itemsize == 1 and lm.device.type != "cuda":
+    if kv_dtype in FLOAT8 and lm.device.type != "cuda":
         logger.warning("--kv-cache-dtype %s on CPU: attention takes the torch path (no native "
                        "kernel reads float8), slower than auto or int8, which saves as much "
                        "memory", cache.kv_cache_dtype)
