@@ -278,8 +278,7 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   constexpr int64_t tile_bytes = BITS == 4 ? WB : WB8;
   constexpr int64_t tile_scales = 4 * TN;  // bytes per tile and group: (s, z) bf16 or d f32
   const int64_t tiles = N / TN, chunks = (M + MC - 1) / MC;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t item = 0; item < chunks * tiles; ++item) {
+  auto run_item = [&](int64_t item) {
     const int64_t t = item % tiles, c = item / tiles;
     const uint8_t* wt = w + t * G * tile_bytes;
     const void* st = static_cast<const char*>(sc) + t * G * tile_scales;
@@ -308,6 +307,18 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
         default: tile<T, BITS, MB>(wt, st, G, q, a, K, out, y_stride);
       }
     }
+  };
+  // With many rows an item is long (~2 us at 64 rows) and a thread's items run in order, so
+  // the prefetch above finds its next tile; the guided schedule hands out runs of them that
+  // shrink towards the end, so a thread that the shared machine slowed (one stall stops both
+  // at the barrier) leaves its last items to the other: 64-row decode steps ~2% faster here.
+  // With few rows the items are short and the static split costs nothing to hand out.
+  if (std::min(M, MC) >= PF_ROWS) {
+#pragma omp parallel for schedule(guided) num_threads(threads)
+    for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
+  } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
   }
 }
 
