@@ -2,7 +2,8 @@
 
 Prints batch-1 decode tokens/s and the throughput of N prompts x M new tokens for both, and
 the ratios. Only ratios from one run are comparable: the machines are shared, so the script
-prints the load average before it starts and warns when the machine is busy.
+prints the load average before it starts and the CPU other processes took during the run
+(tokenmill.bench.machine), and warns when the machine is busy.
 
     .venv/bin/python benchmarks/offline_throughput.py [--dtype bfloat16] [--prompts 64]
         [--quantize w4a8] [--kv-cache-dtype int8]
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from tokenmill.bench.machine import CpuWatch
 from tokenmill.llm import LLM
 from tokenmill.protocol import SamplingParams
 
@@ -81,6 +83,13 @@ def bench_transformers_decode(model, prompt: list[int], new_tokens: int, pad: in
     return (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
 
 
+def report_sharing(watch: CpuWatch) -> None:
+    sharing = watch.result()
+    if sharing:
+        print(sharing.describe()
+              + ("  ** machine busy: ratios are less reliable **" if sharing.busy() else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="auto")
@@ -96,6 +105,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"load average {load1:.2f} on {cores} cores"
           + ("  ** machine busy: ratios are less reliable **" if load1 > 0.5 * cores else ""))
+    watch = CpuWatch()
 
     llm = LLM(dtype=a.dtype, max_batch_total_tokens=65536, quantize=a.quantize,
               kv_cache_dtype=a.kv_cache_dtype)
@@ -109,6 +119,7 @@ def main() -> None:
     print(f"tokenmill     batch-1 decode {tm_decode:8.1f} tok/s   "
           f"{a.prompts}x{a.new_tokens} throughput {tm_batch:8.1f} tok/s")
     if a.skip_transformers:
+        report_sharing(watch)
         return
 
     import transformers
@@ -126,7 +137,7 @@ def main() -> None:
           f"{a.prompts}x{a.new_tokens} throughput {hf_batch:8.1f} tok/s")
     print(f"ratio (tokenmill / transformers): batch-1 decode {tm_decode / hf_decode:.2f}x, "
           f"batched throughput {tm_batch / hf_batch:.2f}x")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    report_sharing(watch)
 
 
 if __name__ == "__main__":

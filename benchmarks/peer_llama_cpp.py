@@ -9,8 +9,9 @@ Workloads (flags change them): 128-token prompts and 128 output tokens (ignore_e
 concurrency 1 and 32, then one 1,024-token prompt at a time for TTFT, each against both
 servers back to back; then 64 prompts x 128 new tokens offline (benchmarks/offline_throughput.py),
 tokenmill and transformers alternating in 3 pairs (fresh prompts each), the median ratio kept.
-Only ratios from one run are comparable: the machines are shared, so the load average is
-printed before and after, and a busy machine is called out.
+Only ratios from one run are comparable: the machines are shared, so the load average before
+and the CPU that other processes (and the hypervisor's steal) took during the run are
+printed (tokenmill.bench.machine), and a busy machine is called out.
 
     .venv/bin/python benchmarks/peer_llama_cpp.py [--out results.md] [--json raw.json] [--build-only]
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.bench.client import ClientConfig
+from tokenmill.bench.machine import CpuWatch
 from tokenmill.bench.metrics import LevelSummary
 from tokenmill.bench.runner import ServerRun, run_server
 from tokenmill.bench.workload import LengthDist, Workload, load_tokenizer
@@ -349,6 +351,7 @@ def main() -> int:
     per_slot = max(args.prompt_tokens + args.output_tokens, args.long_prompt_tokens + 16) + 64
     start_line, busy = load_line("before")
     log(start_line)
+    watch = CpuWatch()
     tok = load_tokenizer(str(gguf))
 
     def wl(p: int, o: int, seed: int) -> Workload:
@@ -393,7 +396,9 @@ def main() -> int:
         for s in servers.values():
             s.stop()
     off = None if args.skip_offline else offline(args)
-    end_line, busy_after = load_line("after")
+    sharing = watch.result()
+    end_line = sharing.describe() if sharing else "no /proc/stat: sharing not measured"
+    busy_during = bool(sharing and sharing.busy())
     log(end_line)
     info = serve[0][1]["tokenmill"].server_info or {}
     head = [
@@ -413,7 +418,7 @@ def main() -> int:
             for lv in r.levels) for title, runs in serve],
         *(f"- note: {n}" for n in notes),
     ]
-    if busy or busy_after:
+    if busy or busy_during:
         head.append("- **the machine was busy during the run: ratios are less reliable**")
     md = markdown(head, serve, off, args)
     print(md)
