@@ -311,8 +311,9 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   // With many rows an item is long (~2 us at 64 rows) and a thread's items run in order, so
   // the prefetch above finds its next tile; the guided schedule hands out runs of them that
   // shrink towards the end, so a thread that the shared machine slowed (one stall stops both
-  // at the barrier) leaves its last items to the other: 64-row decode steps ~2% faster here.
-  // With few rows the items are short and the static split costs nothing to hand out.
+  // at the barrier) leaves its last items to the other: 64-row decode steps 1.5-3% faster
+  // while the host stalls threads, the same when it does not (docs/performance.md). With few
+  // rows the items are short and the static split costs nothing to hand out.
   if (std::min(M, MC) >= PF_ROWS) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
     for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
