@@ -46,6 +46,30 @@ def test_native_rows_equal_the_torch_path(window: int | None, dtype: torch.dtype
     torch.testing.assert_close(native.float(), torch_out.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("window", [None, 1, 5, 64])
+def test_row_keys_of_random_steps(window: int | None) -> None:
+    """Each row's key range [start, end) and sequence, checked row by row against the
+    positions they stand for, over random mixes of decodes and (chunked) prefills."""
+    rng = random.Random(window)
+    backend = TorchPagedAttention()
+    for _ in range(50):
+        n = rng.randint(1, 6)
+        qlens = [rng.choice([1, 1, rng.randint(1, 40)]) for _ in range(n)]
+        ctxs = [q + rng.choice([0, rng.randint(0, 50)]) for q in qlens]
+        tables = [list(range(-(-c // BS))) for c in ctxs]
+        rows = backend.build_metadata(qlens, ctxs, tables, BS, window, torch.device("cpu")).rows
+        assert rows is not None
+        want_seq, want_bounds = [], []
+        for i, (q, c) in enumerate(zip(qlens, ctxs)):
+            for pos in range(c - q, c):  # the row of the token at `pos` sees keys <= pos
+                want_seq.append(i)
+                want_bounds.append([0 if window is None else max(0, pos + 1 - window), pos + 1])
+        assert rows.seq.dtype == rows.bounds.dtype == torch.long and rows.bounds.is_contiguous()
+        assert rows.seq.tolist() == want_seq and rows.bounds.tolist() == want_bounds
+        assert rows.max_keys == max(e - s for s, e in want_bounds)
+        assert rows.tables.shape == (n, max(len(t) for t in tables))
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 def test_float8_cache_saturates_and_round_trips(fp8: torch.dtype) -> None:
     """`--kv-cache-dtype fp8_*`: keys and values are cast as they are written, clamped to the

@@ -259,15 +259,18 @@ class TorchPagedAttention(AttentionBackend):
 
 def _row_keys(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, window: int | None) -> RowKeys:
-    qlens = torch.tensor(query_lens, dtype=torch.long)
-    ctxs = torch.tensor(context_lens, dtype=torch.long)
-    seq = torch.repeat_interleave(torch.arange(len(query_lens)), qlens)
-    first = torch.cumsum(qlens, 0) - qlens  # each sequence's first row
-    end = (ctxs - qlens)[seq] + torch.arange(len(seq)) - first[seq] + 1  # position + 1
-    start = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
-    tables = _block_tables(block_tables, context_lens, block_size)
-    return RowKeys(seq=seq, tables=tables, bounds=torch.stack([start, end], 1).contiguous(),
-                   max_keys=int((end - start).max()))
+    # Built in lists, then one tensor each: the same thing in small torch ops took ~0.2 ms
+    # of dispatch a step, 5% of a batch-1 decode step.
+    seq: list[int] = []
+    bounds: list[int] = []  # start, end per row
+    for i, (q, c) in enumerate(zip(query_lens, context_lens)):
+        seq += [i] * q
+        for end in range(c - q + 1, c + 1):  # a row attends up to its own position
+            bounds += (0 if window is None else max(0, end - window), end)
+    return RowKeys(seq=torch.tensor(seq, dtype=torch.long),
+                   tables=_block_tables(block_tables, context_lens, block_size),
+                   bounds=torch.tensor(bounds, dtype=torch.long).view(-1, 2),
+                   max_keys=max(c if window is None else min(c, window) for c in context_lens))
 
 
 def _block_tables(tables: list[list[int]], ctxs: list[int], block_size: int) -> torch.Tensor:
