@@ -26,7 +26,7 @@ template <Variant V, int NR>
 void tile_variant(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
                   const Act* act, int64_t K, float* y, int64_t y_stride) {
   if constexpr (V == FULL) {
-    tile_rows<float, NR>(w, sz, G, xq, act, K, y, y_stride);
+    tile_rows<float, NR>(w, sz, G, xq, act, K, y, y_stride, nullptr, nullptr);
   } else {
     __m512 acc[NR];
     __m512i iacc[NR];

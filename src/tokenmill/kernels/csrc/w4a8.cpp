@@ -45,7 +45,8 @@ constexpr int64_t WB = TN * GS / 2;  // packed int4 weight bytes per tile and gr
 constexpr int64_t WB8 = TN * GS;     // packed int8 weight bytes per tile and group
 constexpr int64_t MB = 8;           // activation rows per pass over a tile's weights
 constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
-constexpr int64_t PF_ROWS = 32;     // rows per work item from which the next tile is prefetched
+constexpr int64_t PF_ROWS = 4;      // rows per work item from which the next tile is prefetched
+constexpr int64_t GUIDED_ROWS = 32; // rows per work item from which items are handed out guided
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }
@@ -133,12 +134,24 @@ inline int32_t quad(const int8_t* p) {  // 4 activations as the dword vpdpbusd b
   return v;
 }
 
+// Software prefetch of group g of the next tile (nw: its weights, ns: its scales; null: none)
+// towards the L2, a group at a time, so the requests are spread over the whole tile's work.
+// BYTES: weight bytes per tile and group. Always inlined: as a call inside the group loop it
+// made the compiler spill the rows' accumulators around it (the LM head 10-30% slower).
+template <int64_t BYTES>
+[[gnu::always_inline]] inline void prefetch_group(const char* nw, const char* ns, int64_t g) {
+  if (!nw) return;
+  for (int64_t o = 0; o < BYTES; o += 64) __builtin_prefetch(nw + g * BYTES + o, 0, 2);
+  __builtin_prefetch(ns + g * 4 * TN, 0, 2);
+}
+
 // One tile (16 output rows) for NR activation rows: y[m][0:16] = x_m . W_tile. Per group the
 // weights are unpacked once for all NR rows; each row then costs 8 vpdpbusd (in two chains)
 // and 3 float operations, its broadcasts folded into memory operands.
 template <typename T, int NR>
 inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
-                      const Act* act, int64_t K, T* y, int64_t y_stride) {
+                      const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
+                      const char* ns) {
 #if TM_W4A8_VNNI
   __m512 acc[NR];
   for (int m = 0; m < NR; ++m) acc[m] = _mm512_setzero_ps();
@@ -146,6 +159,7 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
   const __m512i top = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * WB;
+    prefetch_group<WB>(nw, ns, g);
     __m512i lo[4], hi[4];
     for (int j = 0; j < 4; ++j) {
       const __m512i v = _mm512_loadu_si512(wg + 64 * j);
@@ -178,6 +192,7 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * WB;
     const uint16_t* sg = sz + g * 2 * TN;
+    prefetch_group<WB>(nw, ns, g);
     for (int m = 0; m < NR; ++m) {
       const int8_t* a = xq + m * K + g * GS;
       const Act& p = act[m * G + g];
@@ -203,12 +218,14 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
 // operations per row and group, no unpacking.
 template <typename T, int NR>
 inline void tile_rows8(const uint8_t* w, const float* dw, int64_t G, const int8_t* xq,
-                       const Act* act, int64_t K, T* y, int64_t y_stride) {
+                       const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
+                       const char* ns) {
 #if TM_W4A8_VNNI
   __m512 acc[NR];
   for (int m = 0; m < NR; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * WB8;
+    prefetch_group<WB8>(nw, ns, g);
     __m512i q[8];
     for (int c = 0; c < 8; ++c) q[c] = _mm512_loadu_si512(wg + 64 * c);
     const __m512 d = _mm512_loadu_ps(dw + g * TN);
@@ -233,6 +250,7 @@ inline void tile_rows8(const uint8_t* w, const float* dw, int64_t G, const int8_
   float acc[NR][TN] = {};
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * WB8;
+    prefetch_group<WB8>(nw, ns, g);
     for (int m = 0; m < NR; ++m) {
       const int8_t* a = xq + m * K + g * GS;
       const Act& p = act[m * G + g];
@@ -252,11 +270,11 @@ inline void tile_rows8(const uint8_t* w, const float* dw, int64_t G, const int8_
 // Both weight kinds: BITS 4 (scales: bfloat16 (s, z) pairs) or 8 (float32 d).
 template <typename T, int BITS, int NR>
 inline void tile(const uint8_t* w, const void* sc, int64_t G, const int8_t* xq, const Act* act,
-                 int64_t K, T* y, int64_t y_stride) {
+                 int64_t K, T* y, int64_t y_stride, const char* nw, const char* ns) {
   if constexpr (BITS == 4)
-    tile_rows<T, NR>(w, static_cast<const uint16_t*>(sc), G, xq, act, K, y, y_stride);
+    tile_rows<T, NR>(w, static_cast<const uint16_t*>(sc), G, xq, act, K, y, y_stride, nw, ns);
   else
-    tile_rows8<T, NR>(w, static_cast<const float*>(sc), G, xq, act, K, y, y_stride);
+    tile_rows8<T, NR>(w, static_cast<const float*>(sc), G, xq, act, K, y, y_stride, nw, ns);
 }
 
 template <typename T, int BITS>
@@ -282,29 +300,32 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
     const int64_t t = item % tiles, c = item / tiles;
     const uint8_t* wt = w + t * G * tile_bytes;
     const void* st = static_cast<const char*>(sc) + t * G * tile_scales;
-    // With many rows, the next tile's weights and scales towards the L2 while this one
-    // computes: the LM head's 28 MB stream from memory every step (~9% faster at 64 rows,
-    // ~2% for gate/up). With few rows an item is short and reading the weights is the whole
-    // cost: the hardware's stream prefetch does better alone (batch-1 decode ~20% slower).
-    if (t + 1 < tiles && std::min(M, c * MC + MC) - c * MC >= PF_ROWS) {
-      const char* nw = reinterpret_cast<const char*>(wt + G * tile_bytes);
-      for (int64_t o = 0; o < G * tile_bytes; o += 64) __builtin_prefetch(nw + o, 0, 2);
-      const char* ns = static_cast<const char*>(st) + G * tile_scales;
-      for (int64_t o = 0; o < G * tile_scales; o += 64) __builtin_prefetch(ns + o, 0, 2);
-    }
+    // The next tile's weights and scales towards the L2 while this one computes, spread over
+    // the first pass's groups (bunched at the item's start they filled the miss queues and
+    // the loads waited for them: the time of the stream plus that of the compute). The LM
+    // head's 28 MB stream from memory every step: 8, 16, 32 and 64 rows take it 1.15 ->
+    // 0.95, 3.0 -> 1.9, 4.2 -> 3.2 and 6.7 -> 5.7 ms; decode steps of 4, 16, 32 and 64 rows
+    // 4, 13, 7 and 3% less than with no prefetch below 32 rows and a bunched one above. With
+    // 1 or 2 rows an item is a few hundred cycles, too short to fetch ahead of: the hardware's
+    // stream prefetch does better alone (batch-1 steps 2.5% slower with this).
+    const int64_t rows = std::min(M, c * MC + MC) - c * MC;
+    const bool ahead = rows >= PF_ROWS && t + 1 < tiles;
+    const char* nw = ahead ? reinterpret_cast<const char*>(wt + G * tile_bytes) : nullptr;
+    const char* ns = ahead ? static_cast<const char*>(st) + G * tile_scales : nullptr;
     for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
       const int8_t* q = xq + m0 * K;
       const Act* a = act + m0 * G;
       T* out = y + m0 * y_stride + t * TN;
+      const char* pw = m0 == c * MC ? nw : nullptr;  // the first pass only
       switch (std::min(MB, M - m0)) {
-        case 1: tile<T, BITS, 1>(wt, st, G, q, a, K, out, y_stride); break;
-        case 2: tile<T, BITS, 2>(wt, st, G, q, a, K, out, y_stride); break;
-        case 3: tile<T, BITS, 3>(wt, st, G, q, a, K, out, y_stride); break;
-        case 4: tile<T, BITS, 4>(wt, st, G, q, a, K, out, y_stride); break;
-        case 5: tile<T, BITS, 5>(wt, st, G, q, a, K, out, y_stride); break;
-        case 6: tile<T, BITS, 6>(wt, st, G, q, a, K, out, y_stride); break;
-        case 7: tile<T, BITS, 7>(wt, st, G, q, a, K, out, y_stride); break;
-        default: tile<T, BITS, MB>(wt, st, G, q, a, K, out, y_stride);
+        case 1: tile<T, BITS, 1>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 2: tile<T, BITS, 2>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 3: tile<T, BITS, 3>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 4: tile<T, BITS, 4>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 5: tile<T, BITS, 5>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 6: tile<T, BITS, 6>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        case 7: tile<T, BITS, 7>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
+        default: tile<T, BITS, MB>(wt, st, G, q, a, K, out, y_stride, pw, ns);
       }
     }
   };
@@ -314,7 +335,7 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   // at the barrier) leaves its last items to the other: 64-row decode steps 1.5-3% faster
   // while the host stalls threads, the same when it does not (docs/performance.md). With few
   // rows the items are short and the static split costs nothing to hand out.
-  if (std::min(M, MC) >= PF_ROWS) {
+  if (std::min(M, MC) >= GUIDED_ROWS) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
     for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
   } else {
