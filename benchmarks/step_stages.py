@@ -4,7 +4,7 @@ the LM head, sampling, the scheduler's update, detokenization), ms per decode st
 forward pass leaves is the step's Python.
 
     .venv/bin/python benchmarks/step_stages.py [--prompts 64] [--new-tokens 128] [--repeats 2]
-        [--kv-cache-dtype int8]
+        [--kv-cache-dtype int8] [--block-size 16]
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--block-size", type=int, default=None, help="KV cache block (tokens)")
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}")
-    llm = LLM(kv_cache_dtype=a.kv_cache_dtype)
+    llm = LLM(kv_cache_dtype=a.kv_cache_dtype,
+              **({} if a.block_size is None else {"block_size": a.block_size}))
     eng = llm.engine
     core, runner = eng.core, eng.core.runner
     stages: dict[str, list[float]] = {k: [] for k in (
