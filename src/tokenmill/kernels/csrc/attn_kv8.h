@@ -44,64 +44,85 @@ inline int32_t quad(const int8_t* p) {  // 4 query bytes as the dword vpdpbusd b
   return v;
 }
 
-// Scores of one quantized query head (q8, its group scales qd and starts corr) against keys
-// j_lo..j_hi-1 of sub-block sb, written to out[j_lo..j_hi-1]: per group of 32 dims an exact
-// integer dot product, then acc += float(dot) * (d_key * d_query). With VNNI a group is 8
-// vpdpbusd giving all 16 keys at once. The scalar loop performs the same float operations.
-template <int64_t DC>
-inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, const int8_t* sb,
-                        int64_t D, int64_t j_lo, int64_t j_hi, float* out) {
+// Scores of GC quantized query heads (q8, D apart; their group scales qd and starts corr, NG
+// apart) against keys j_lo..j_hi-1 of sub-block sb, head h's written to out + h * stride at
+// [j_lo, j_hi): per group of 32 dims an exact integer dot product, then acc += float(dot) *
+// (d_key * d_query). With VNNI a group is 8 vpdpbusd per head giving all 16 keys at once; the
+// heads share the key loads and their chains interleave (one head at a time, the loop waited
+// on the vpdpbusd latency). The scalar loop performs the same float operations per head.
+template <int64_t DC, int GC>
+inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, int64_t NG,
+                        const int8_t* sb, int64_t D, int64_t j_lo, int64_t j_hi, float* out,
+                        int64_t stride) {
   const float* ks = reinterpret_cast<const float*>(sb + kv8::SUB * D);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if constexpr (DC > 0) {
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[GC];
+    for (int h = 0; h < GC; ++h) acc[h] = _mm512_setzero_ps();
     for (int c = 0; c < DC / kv8::GRP; ++c) {
-      const int8_t* qc = q8 + kv8::GRP * c;
       const int8_t* kc = sb + 512 * c;  // 8 vectors of 64 bytes per group
-      __m512i t0 = _mm512_set1_epi32(corr[c]), t1 = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) {
-        t0 = _mm512_dpbusd_epi32(t0, _mm512_loadu_si512(kc + 64 * j),
-                                 _mm512_set1_epi32(quad(qc + 4 * j)));
-        t1 = _mm512_dpbusd_epi32(t1, _mm512_loadu_si512(kc + 64 * (j + 4)),
-                                 _mm512_set1_epi32(quad(qc + 16 + 4 * j)));
+      __m512i t0[GC], t1[GC];
+      for (int h = 0; h < GC; ++h) {
+        t0[h] = _mm512_set1_epi32(corr[h * NG + c]);
+        t1[h] = _mm512_setzero_si512();
       }
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)),
-                            _mm512_mul_ps(_mm512_loadu_ps(ks + kv8::SUB * c),
-                                          _mm512_set1_ps(qd[c])),
-                            acc);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i k0 = _mm512_loadu_si512(kc + 64 * j);
+        const __m512i k1 = _mm512_loadu_si512(kc + 64 * (j + 4));
+        for (int h = 0; h < GC; ++h) {
+          const int8_t* qc = q8 + h * D + kv8::GRP * c;
+          t0[h] = _mm512_dpbusd_epi32(t0[h], k0, _mm512_set1_epi32(quad(qc + 4 * j)));
+          t1[h] = _mm512_dpbusd_epi32(t1[h], k1, _mm512_set1_epi32(quad(qc + 16 + 4 * j)));
+        }
+      }
+      const __m512 kd = _mm512_loadu_ps(ks + kv8::SUB * c);
+      for (int h = 0; h < GC; ++h)
+        acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0[h], t1[h])),
+                                 _mm512_mul_ps(kd, _mm512_set1_ps(qd[h * NG + c])), acc[h]);
     }
     const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
-    _mm512_mask_storeu_ps(out, keep, acc);
+    for (int h = 0; h < GC; ++h) _mm512_mask_storeu_ps(out + h * stride, keep, acc[h]);
     return;
   }
 #endif
-  for (int64_t u = j_lo; u < j_hi; ++u) {
-    float acc = 0.f;
-    for (int64_t c = 0; c < D / kv8::GRP; ++c) {
-      int32_t t = corr[c];
-      for (int64_t i = 0; i < kv8::GRP; ++i) {
-        const int64_t dim = kv8::GRP * c + i;
-        t += int32_t(uint8_t(sb[dim / 4 * 64 + u * 4 + dim % 4])) * q8[dim];
+  for (int h = 0; h < GC; ++h)
+    for (int64_t u = j_lo; u < j_hi; ++u) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < D / kv8::GRP; ++c) {
+        int32_t t = corr[h * NG + c];
+        for (int64_t i = 0; i < kv8::GRP; ++i) {
+          const int64_t dim = kv8::GRP * c + i;
+          t += int32_t(uint8_t(sb[dim / 4 * 64 + u * 4 + dim % 4])) * q8[h * D + dim];
+        }
+        acc = std::fma(float(t), ks[kv8::SUB * c + u] * qd[h * NG + c], acc);
       }
-      acc = std::fma(float(t), ks[kv8::SUB * c + u] * qd[c], acc);
+      out[h * stride + u] = acc;
     }
-    out[u] = acc;
-  }
 }
 
-// scores() for the int8 cache.
+// scores() for the int8 cache: GMAX heads at a time (the registers hold 2 * GMAX chains).
 template <typename T, int64_t DC>
 inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
                         float scale, float* sc, int64_t stride, Q8& q8, Prefetch<int8_t>& pf) {
+  constexpr int GMAX = 4;
   const int64_t start = it.start, end = it.end, NG = D / kv8::GRP;
   quantize_query(q, D, G, q8);
   for (int64_t p0 = start - start % kv8::SUB; p0 < end; p0 += kv8::SUB) {
     if (p0 % bs == 0 || p0 <= start) pf.step(false);  // a block at a time
     const int8_t* sb = it.kh + kv8::sub_offset(it.table, p0, bs, D);
     const int64_t lo = std::max(p0, start) - p0, hi = std::min(p0 + kv8::SUB, end) - p0;
-    for (int64_t g = 0; g < G; ++g)
-      qk_sub_int8<DC>(q8.q + g * D, q8.d + g * NG, q8.corr + g * NG, sb, D, lo, hi,
-                      sc + g * stride + (p0 - start));
+    for (int64_t g = 0; g < G; g += GMAX) {
+      const int8_t* qg = q8.q + g * D;
+      const float* dg = q8.d + g * NG;
+      const int32_t* cg = q8.corr + g * NG;
+      float* og = sc + g * stride + (p0 - start);
+      switch (std::min<int64_t>(GMAX, G - g)) {
+        case 1: qk_sub_int8<DC, 1>(qg, dg, cg, NG, sb, D, lo, hi, og, stride); break;
+        case 2: qk_sub_int8<DC, 2>(qg, dg, cg, NG, sb, D, lo, hi, og, stride); break;
+        case 3: qk_sub_int8<DC, 3>(qg, dg, cg, NG, sb, D, lo, hi, og, stride); break;
+        default: qk_sub_int8<DC, GMAX>(qg, dg, cg, NG, sb, D, lo, hi, og, stride);
+      }
+    }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sg = sc + g * stride;
