@@ -51,10 +51,10 @@ def _meta(model: LlamaForCausalLM, qlens: list[int], ctxs: list[int],
                                                 model.cfg.sliding_window, torch.device("cpu"))
 
 
-def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: AttentionMetadata
-             ) -> torch.Tensor:
+def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: AttentionMetadata,
+             out_rows: list[int] | None = None) -> torch.Tensor:
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), meta))
+        return model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), meta, out_rows))
 
 
 @pytest.mark.parametrize("dtype,kv", [("float32", "auto"), ("bfloat16", "auto"),
@@ -81,6 +81,17 @@ def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, kv: str, tmp_pa
         assert not torch.equal(after_fused, before)  # the step wrote its keys and values
         assert torch.equal(after_fused, cache)
         assert torch.equal(fused, plain)
+        # Only some rows' outputs (a prefill's last row, a prompt-logprobs span, none): the
+        # same bits for those rows and the same cache, on both paths.
+        n = len(ids)
+        for keep in ([n - 1], sorted(random.Random(n).sample(range(n), max(1, n // 2))), []):
+            for fused_path in (True, False):
+                cache.copy_(before)
+                model.fused_stack = stack if fused_path else None
+                some = _forward(model, ids, pos, meta, keep)
+                assert torch.equal(cache, after_fused)
+                assert torch.equal(some, fused[keep]), (keep, fused_path)
+        model.fused_stack = stack
         return fused
 
     blocks = random.Random(0).sample(range(BLOCKS), BLOCKS)

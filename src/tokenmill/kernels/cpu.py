@@ -39,7 +39,7 @@ HEADERS = (_CSRC / "tm_kernels.h",
            *sorted(p for p in _CSRC.glob("*.h") if p.name != "tm_kernels.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 15
+ABI_VERSION = 16
 BUILD_TIMEOUT_S = 180
 
 _C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,

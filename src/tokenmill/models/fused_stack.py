@@ -45,7 +45,8 @@ class _Step(ctypes.Structure):
                 ("table_stride", _I), ("row_seq", _P), ("bounds", _P), ("max_keys", _I),
                 ("x", _P),
                 ("residual", _P), ("h", _P), ("qkv", _P), ("gu", _P), ("act", _P),
-                ("attn_scratch", _P), ("threads", ctypes.c_int)]
+                ("attn_scratch", _P), ("threads", ctypes.c_int), ("out_rows", _P),
+                ("n_out", _I), ("out_row_seq", _P), ("out_bounds", _P)]
 
 
 def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
@@ -124,10 +125,12 @@ class FusedStack:
                 return lin.lora.batch.plan is None
         return True
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            out_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the step's embeddings [M, H] (overwritten); returns (the last layer's output, the
-        residual stream), what the layer loop would hand the final norm."""
+        residual stream), what the layer loop would hand the final norm: of every row, or of
+        `out_rows` (ascending) only, whose last layer then skips the other rows after writing
+        their keys and values."""
         rows = meta.rows
         assert rows is not None
         m, dt = x.shape[0], self.dtype
@@ -146,8 +149,19 @@ class FusedStack:
                      rows.tables.stride(0), rows.seq.data_ptr(), rows.bounds.data_ptr(),
                      max_keys, x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(),
                      gu.data_ptr(), act.data_ptr(), scratch.data_ptr(), threads)
+        some = out_rows is not None and len(out_rows) < m
+        if some:
+            assert out_rows is not None
+            keep = torch.tensor(out_rows, dtype=torch.int64)
+            out_seq, out_bounds = rows.seq[keep].contiguous(), rows.bounds[keep].contiguous()
+            # never a null pointer, even for no rows (an empty tensor's may be)
+            ptrs = torch.zeros(1, dtype=torch.int64) if not out_rows else keep
+            step.out_rows, step.n_out = ptrs.data_ptr(), len(out_rows)
+            step.out_row_seq, step.out_bounds = out_seq.data_ptr(), out_bounds.data_ptr()
         bad = self._fn(self.layers, ctypes.byref(self.stack), ctypes.byref(step))
         if bad >= 0:
             raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
                              f"({self.stack.n_positions} positions)")
+        if some:
+            return x[:step.n_out], residual[:step.n_out]
         return x, residual

@@ -188,15 +188,20 @@ class LlamaForCausalLM(nn.Module):
         self.fused_stack: FusedStack | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Returns the final hidden states [T, hidden]; `compute_logits` projects the rows kept."""
+                meta: AttentionMetadata, out_rows: list[int] | None = None) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden], or those of `out_rows` (ascending row
+        indices: the rows that will be projected); `compute_logits` projects them. The fused
+        stack then skips the other rows' work after the last layer's cache write."""
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         if self.fused_stack is not None and self.fused_stack.takes(x, meta):
-            x, residual = self.fused_stack.run(x, positions, meta)
+            x, residual = self.fused_stack.run(x, positions, meta, out_rows)
         else:
             for layer in self.layers:
                 x, residual = layer(positions, x, residual, meta)
+            if out_rows is not None and len(out_rows) < x.shape[0]:
+                keep = torch.tensor(out_rows, dtype=torch.long, device=x.device)
+                x, residual = x[keep], None if residual is None else residual[keep]
         x, _ = self.norm(x, residual)
         return x
 

@@ -149,7 +149,14 @@ class ModelRunner:
                 self.lora.host and any(self.states[c.request_id].lora_slot >= 0 for c in chunks)):
             hidden = self.graphs.run(ids, pos, meta)  # None unless a decode-only step fits
         if hidden is None:
-            hidden = self.model(ids, pos, meta)
+            keep = sorted({*batch.sample_rows, *batch.plp_rows})
+            if len(keep) < len(batch.input_ids):  # a prefill: its other rows need no output
+                hidden = self.model(ids, pos, meta, keep)
+                at = {row: i for i, row in enumerate(keep)}
+                batch.sample_rows = [at[r] for r in batch.sample_rows]
+                batch.plp_rows = [at[r] for r in batch.plp_rows]
+            else:
+                hidden = self.model(ids, pos, meta)
         if batch.plp_rows:
             self._prompt_logprobs(hidden, batch, out)
         if batch.sample_rows:

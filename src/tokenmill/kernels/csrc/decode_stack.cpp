@@ -56,6 +56,14 @@ struct TmStep {
   void* act;       // scratch [M, I]
   float* attn_scratch;  // threads * (Hq / Hk) * max_keys floats
   int threads;
+  // The rows whose output is wanted (ascending; null: all M). The last layer writes every
+  // row's keys and values, then runs attention, o and the MLP for these rows only, compacted
+  // to the front of x and residual (as llama.cpp does): a prompt's other rows feed no layer
+  // after it. out_row_seq and out_bounds are row_seq and bounds of these rows.
+  const int64_t* out_rows;
+  int64_t n_out;
+  const int64_t* out_row_seq;
+  const int64_t* out_bounds;
 };
 
 namespace {
@@ -150,12 +158,25 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
     }
     const int64_t bad = rope(qkv, c, s, kc, vc);
     if (bad >= 0) return bad;
-    attend(qkv, h, kc, vc, c, s);  // h: [M, Hq * D] attention output
-    matmul(h, M, HQD, L.o_w, L.o_s, H, x, s.threads);
-    norm(x, res, res, L.post_norm, h, M, H, c.eps, s.threads);
-    matmul(h, M, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
-    silu_mul(gu, act, M, c.I, s.threads);
-    matmul(act, M, c.I, L.down_w, L.down_s, H, x, s.threads);
+    Step rows = s;  // the rows the rest of the layer runs for
+    if (l == c.n_layers - 1 && s.out_rows && s.n_out < M) {
+      for (int64_t i = 0; i < s.n_out; ++i) {  // ascending: row i only moves forward
+        const int64_t r = s.out_rows[i];
+        if (r == i) continue;
+        std::memcpy(qkv + i * NQKV, qkv + r * NQKV, NQKV * sizeof(T));
+        std::memcpy(res + i * H, res + r * H, H * sizeof(T));
+      }
+      rows.M = s.n_out;
+      rows.row_seq = s.out_row_seq;
+      rows.bounds = s.out_bounds;
+    }
+    const int64_t R = rows.M;
+    attend(qkv, h, kc, vc, c, rows);  // h: [R, Hq * D] attention output
+    matmul(h, R, HQD, L.o_w, L.o_s, H, x, s.threads);
+    norm(x, res, res, L.post_norm, h, R, H, c.eps, s.threads);
+    matmul(h, R, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
+    silu_mul(gu, act, R, c.I, s.threads);
+    matmul(act, R, c.I, L.down_w, L.down_s, H, x, s.threads);
   }
   return -1;
 }
