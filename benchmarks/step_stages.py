@@ -4,7 +4,10 @@ the LM head, sampling, the scheduler's update, detokenization), ms per decode st
 forward pass leaves is the step's Python.
 
     .venv/bin/python benchmarks/step_stages.py [--prompts 64] [--new-tokens 128] [--repeats 2]
-        [--kv-cache-dtype int8] [--block-size 16]
+        [--kv-cache-dtype int8] [--block-size 16] [--kernels]
+
+With --kernels, the fused w4a8 stack also times each of its kernels (norm, qkv, rotary + cache
+write, attention, o, norm, gate/up, SiLU * up, down), ms per decode and per prefill step.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from offline_throughput import make_prompts
 
 from tokenmill.llm import LLM
+from tokenmill.models.fused_stack import STAGES
 from tokenmill.protocol import SamplingParams
 
 
@@ -44,6 +48,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--block-size", type=int, default=None, help="KV cache block (tokens)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also time each kernel of the fused w4a8 stack (ms per step)")
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}")
     llm = LLM(kv_cache_dtype=a.kv_cache_dtype,
@@ -60,10 +66,13 @@ def main() -> None:
     timed(runner.sampler, "sample", stages["sample"])
     timed(core.scheduler, "update", stages["update"])
     timed(eng.processor, "process", stages["detokenize"])
+    calls = kernel_calls(runner.model.fused_stack) if a.kernels else None
     params = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, ignore_eos=True)
     for rep in range(a.repeats):
         for v in stages.values():
             v.clear()
+        if calls is not None:
+            calls.clear()
         for p in make_prompts(llm.tokenizer, a.prompts, a.prompt_len, seed=rep + 1):
             eng.add_request(p, params)
         while eng.has_unfinished:
@@ -79,6 +88,44 @@ def main() -> None:
         print(f"repeat {rep + 1}: {a.prompts} x {a.new_tokens}, ms per decode step: "
               + ", ".join(f"{k} {v:.3f}" for k, v in per_step.items())
               + f", python {python:.3f} (the step outside the forward pass and the LM head)")
+        if calls is not None:
+            report_kernels(calls, a.prompts, n)
+
+
+def kernel_calls(stack: Any) -> list[tuple[int, list[float]]] | None:
+    """Time the fused stack's kernels: each run's (rows, seconds per stage) is appended."""
+    if stack is None:
+        print("--kernels: this model has no fused stack (it needs --quantize w4a8 on CPU)")
+        return None
+    import torch
+
+    stack.stage_seconds = torch.zeros(len(STAGES), dtype=torch.float64)
+    calls: list[tuple[int, list[float]]] = []
+    run = stack.run
+
+    def timed_run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        before = stack.stage_seconds.clone()
+        out = run(x, *args, **kwargs)
+        calls.append((x.shape[0], (stack.stage_seconds - before).tolist()))
+        return out
+
+    stack.run = timed_run
+    return calls
+
+
+def report_kernels(calls: list[tuple[int, list[float]]], prompts: int, n: int) -> None:
+    """ms per stage of the last n decode steps (all rows decoding) and of the prefill steps."""
+    decode = [t for rows, t in calls if rows == prompts][-n:]
+    prefill = [(rows, t) for rows, t in calls if rows > prompts]
+    for name, runs in (("decode step", decode), ("prefill step", [t for _, t in prefill])):
+        if not runs:
+            continue
+        ms = [sum(t[i] for t in runs) / len(runs) * 1e3 for i in range(len(STAGES))]
+        rows = f" (~{sum(r for r, _ in prefill) // len(prefill)} rows)" if prefill and \
+            name == "prefill step" else ""
+        print(f"  fused stack, ms per {name}{rows}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in zip(STAGES, ms))
+              + f"; total {sum(ms):.2f}")
 
 
 if __name__ == "__main__":

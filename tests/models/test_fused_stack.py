@@ -154,3 +154,25 @@ def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None
 def test_only_w4a8_models_without_qk_norm_get_a_stack(arch: str, quantize: str,
                                                        tmp_path: Path) -> None:
     assert _model(arch, "float32", tmp_path, quantize).fused_stack is None
+
+
+def test_stage_timing_changes_nothing(tmp_path: Path) -> None:
+    """`stage_seconds` (benchmarks/step_stages.py --kernels) adds each kernel's time and leaves
+    the outputs as they were."""
+    from tokenmill.models.fused_stack import STAGES
+
+    model = _model("llama", "bfloat16", tmp_path, kv="int8")
+    stack = model.fused_stack
+    assert stack is not None
+    cache = model.kv_cache  # type: ignore[attr-defined]
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    meta = _meta(model, [12], [12], [list(range(4))])
+    plain = _forward(model, ids, list(range(12)), meta)
+    cache.zero_()
+    stack.stage_seconds = torch.zeros(len(STAGES), dtype=torch.float64)
+    timed = _forward(model, ids, list(range(12)), meta)
+    assert torch.equal(plain, timed)
+    assert (stack.stage_seconds > 0).all()
+    first = stack.stage_seconds.clone()
+    _forward(model, ids, list(range(12)), meta)
+    assert (stack.stage_seconds > first).all()  # accumulates

@@ -46,7 +46,11 @@ class _Step(ctypes.Structure):
                 ("x", _P),
                 ("residual", _P), ("h", _P), ("qkv", _P), ("gu", _P), ("act", _P),
                 ("attn_scratch", _P), ("threads", ctypes.c_int), ("out_rows", _P),
-                ("n_out", _I), ("out_row_seq", _P), ("out_bounds", _P)]
+                ("n_out", _I), ("out_row_seq", _P), ("out_bounds", _P),
+                ("stage_seconds", _P)]
+
+# The stages `FusedStack.stage_seconds` times, in order (decode_stack.cpp's TM_STAGES).
+STAGES = ("norm", "qkv", "rotary", "attention", "o", "norm2", "gate_up", "silu_mul", "down")
 
 
 def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
@@ -64,6 +68,8 @@ class FusedStack:
         assert kernels is not None
         cfg = model.cfg
         self.model = model
+        # float64 [len(STAGES)]: when set, every run adds its stages' wall time (seconds).
+        self.stage_seconds: torch.Tensor | None = None
         self.dtype = model.embed_tokens.weight.dtype
         self._fn = kernels.decode_stack[self.dtype]
         self._linears = [m for m in model.modules() if isinstance(m, Linear)]
@@ -149,6 +155,10 @@ class FusedStack:
                      rows.tables.stride(0), rows.seq.data_ptr(), rows.bounds.data_ptr(),
                      max_keys, x.data_ptr(), residual.data_ptr(), h.data_ptr(), qkv.data_ptr(),
                      gu.data_ptr(), act.data_ptr(), scratch.data_ptr(), threads)
+        if self.stage_seconds is not None:
+            assert self.stage_seconds.dtype == torch.float64
+            assert self.stage_seconds.shape == (len(STAGES),)
+            step.stage_seconds = self.stage_seconds.data_ptr()
         some = out_rows is not None and len(out_rows) < m
         if some:
             assert out_rows is not None

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include <omp.h>
+
 #include "tm_kernels.h"
 
 // Mirrors of the ctypes structures in models/fused_stack.py (field order matters).
@@ -64,6 +66,9 @@ struct TmStep {
   int64_t n_out;
   const int64_t* out_row_seq;
   const int64_t* out_bounds;
+  // Null, or TM_STAGES seconds to add each stage's wall time to (norm, qkv, rotary + cache
+  // write, attention, o, norm, gate/up, SiLU * up, down): benchmarks/step_stages.py.
+  double* stage_seconds;
 };
 
 namespace {
@@ -131,6 +136,21 @@ inline void silu_mul(const float* gu, float* act, int64_t M, int64_t I, int t) {
   tm_silu_mul_f32(gu, act, M, I, t);
 }
 
+constexpr int TM_STAGES = 9;
+
+// Adds the time since the last mark to stage i, when timing (t null: not timing).
+struct Clock {
+  double* t;
+  double last;
+  explicit Clock(double* seconds) : t(seconds), last(seconds ? omp_get_wtime() : 0.) {}
+  void mark(int i) {
+    if (!t) return;
+    const double now = omp_get_wtime();
+    t[i] += now - last;
+    last = now;
+  }
+};
+
 // Returns -1, or the row whose position is outside the rotary table (nothing written then).
 // E: the cache's element (T, or int8_t).
 template <typename T, typename E>
@@ -142,11 +162,13 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
   T* qkv = static_cast<T*>(s.qkv);
   T* gu = static_cast<T*>(s.gu);
   T* act = static_cast<T*>(s.act);
+  Clock clock(s.stage_seconds);
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers[l];
     E* kc = static_cast<E*>(L.kv);
     E* vc = kc + c.Hk * c.kv_head;
     norm(x, l == 0 ? nullptr : res, res, L.in_norm, h, M, H, c.eps, s.threads);
+    clock.mark(0);
     matmul(h, M, H, L.qkv_w, L.qkv_s, NQKV, qkv, s.threads);
     if (L.qkv_bias) {
       const T* b = static_cast<const T*>(L.qkv_bias);
@@ -156,6 +178,7 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
           put(p, to_float(*p) + to_float(b[j]));
         }
     }
+    clock.mark(1);
     const int64_t bad = rope(qkv, c, s, kc, vc);
     if (bad >= 0) return bad;
     Step rows = s;  // the rows the rest of the layer runs for
@@ -171,12 +194,19 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
       rows.bounds = s.out_bounds;
     }
     const int64_t R = rows.M;
+    clock.mark(2);
     attend(qkv, h, kc, vc, c, rows);  // h: [R, Hq * D] attention output
+    clock.mark(3);
     matmul(h, R, HQD, L.o_w, L.o_s, H, x, s.threads);
+    clock.mark(4);
     norm(x, res, res, L.post_norm, h, R, H, c.eps, s.threads);
+    clock.mark(5);
     matmul(h, R, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
+    clock.mark(6);
     silu_mul(gu, act, R, c.I, s.threads);
+    clock.mark(7);
     matmul(act, R, c.I, L.down_w, L.down_s, H, x, s.threads);
+    clock.mark(8);
   }
   return -1;
 }
