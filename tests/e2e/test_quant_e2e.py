@@ -87,6 +87,27 @@ def test_w4a8_generates_through_the_fused_stack(monkeypatch: pytest.MonkeyPatch)
     assert not calls
 
 
+def test_prompt_logprobs_beside_a_plain_prefill() -> None:
+    """A prefill step whose rows are partly scored (prompt logprobs), partly only sampled and
+    partly neither: the model returns just the rows used (the fused stack's last layer runs
+    only those), and each request gets what it gets alone, bit for bit."""
+    from tokenmill.llm import LLM
+
+    llm = LLM(dtype="bfloat16", device="cpu", quantize="w4a8", kv_cache_dtype="int8",
+              max_batch_total_tokens=4096)
+    assert llm.model.fused_stack is not None
+    scored = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True,
+                            prompt_logprobs=2)
+    plain = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    a, b = llm.tokenizer.encode(TEXTS[0]), llm.tokenizer.encode(TEXTS[1])
+    both = llm.generate([a, b], [scored, plain])
+    alone = [llm.generate([a], scored)[0], llm.generate([b], plain)[0]]
+    assert [o.token_ids for o in both] == [o.token_ids for o in alone]
+    assert both[0].prompt_logprobs == alone[0].prompt_logprobs
+    assert both[0].prompt_logprobs is not None and len(both[0].prompt_logprobs) == len(a)
+    assert both[1].prompt_logprobs is None
+
+
 def test_int8_kv_cache_stays_close_to_the_unquantized_model() -> None:
     """`--kv-cache-dtype int8`, teacher-forced over the same texts: the int8 keys and values
     (and the int8-rounded queries of the native kernel) keep nearly every top token
