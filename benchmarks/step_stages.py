@@ -115,14 +115,14 @@ def kernel_calls(stack: Any) -> list[tuple[int, list[float]]] | None:
 
 def report_kernels(calls: list[tuple[int, list[float]]], prompts: int, n: int) -> None:
     """ms per stage of the last n decode steps (all rows decoding) and of the prefill steps."""
-    decode = [t for rows, t in calls if rows == prompts][-n:]
+    decode = [(rows, t) for rows, t in calls if rows == prompts][-n:]
     prefill = [(rows, t) for rows, t in calls if rows > prompts]
-    for name, runs in (("decode step", decode), ("prefill step", [t for _, t in prefill])):
+    for name, runs in (("decode step", decode), ("prefill step", prefill)):
         if not runs:
             continue
-        ms = [sum(t[i] for t in runs) / len(runs) * 1e3 for i in range(len(STAGES))]
-        rows = f" (~{sum(r for r, _ in prefill) // len(prefill)} rows)" if prefill and \
-            name == "prefill step" else ""
+        ms = [sum(t[i] for _, t in runs) / len(runs) * 1e3 for i in range(len(STAGES))]
+        rows = f" (~{sum(r for r, _ in runs) // len(runs)} rows)" if name == "prefill step" \
+            else ""
         print(f"  fused stack, ms per {name}{rows}: "
               + ", ".join(f"{k} {v:.2f}" for k, v in zip(STAGES, ms))
               + f"; total {sum(ms):.2f}")

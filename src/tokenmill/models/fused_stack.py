@@ -159,19 +159,18 @@ class FusedStack:
             assert self.stage_seconds.dtype == torch.float64
             assert self.stage_seconds.shape == (len(STAGES),)
             step.stage_seconds = self.stage_seconds.data_ptr()
-        some = out_rows is not None and len(out_rows) < m
-        if some:
-            assert out_rows is not None
-            keep = torch.tensor(out_rows, dtype=torch.int64)
-            out_seq, out_bounds = rows.seq[keep].contiguous(), rows.bounds[keep].contiguous()
-            # never a null pointer, even for no rows (an empty tensor's may be)
-            ptrs = torch.zeros(1, dtype=torch.int64) if not out_rows else keep
-            step.out_rows, step.n_out = ptrs.data_ptr(), len(out_rows)
+        n_out = m
+        if out_rows is not None and len(out_rows) < m:
+            n_out = len(out_rows)
+            # A sentinel after the rows: never a null pointer, even for none (an empty
+            # tensor's may be); the kernel reads only the first n_out.
+            keep = torch.tensor([*out_rows, 0], dtype=torch.int64)
+            out_seq = rows.seq[keep[:n_out]].contiguous()
+            out_bounds = rows.bounds[keep[:n_out]].contiguous()
+            step.out_rows, step.n_out = keep.data_ptr(), n_out
             step.out_row_seq, step.out_bounds = out_seq.data_ptr(), out_bounds.data_ptr()
         bad = self._fn(self.layers, ctypes.byref(self.stack), ctypes.byref(step))
         if bad >= 0:
             raise IndexError(f"position {int(positions[bad])} is outside the rotary table "
                              f"({self.stack.n_positions} positions)")
-        if some:
-            return x[:step.n_out], residual[:step.n_out]
-        return x, residual
+        return x[:n_out], residual[:n_out]

@@ -150,13 +150,12 @@ class ModelRunner:
             hidden = self.graphs.run(ids, pos, meta)  # None unless a decode-only step fits
         if hidden is None:
             keep = sorted({*batch.sample_rows, *batch.plp_rows})
-            if len(keep) < len(batch.input_ids):  # a prefill: its other rows need no output
-                hidden = self.model(ids, pos, meta, keep)
+            some = len(keep) < len(batch.input_ids)  # a prefill: its other rows need no output
+            hidden = self.model(ids, pos, meta, keep if some else None)
+            if some:
                 at = {row: i for i, row in enumerate(keep)}
                 batch.sample_rows = [at[r] for r in batch.sample_rows]
                 batch.plp_rows = [at[r] for r in batch.plp_rows]
-            else:
-                hidden = self.model(ids, pos, meta)
         if batch.plp_rows:
             self._prompt_logprobs(hidden, batch, out)
         if batch.sample_rows:

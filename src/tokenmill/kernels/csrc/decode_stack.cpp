@@ -66,8 +66,9 @@ struct TmStep {
   int64_t n_out;
   const int64_t* out_row_seq;
   const int64_t* out_bounds;
-  // Null, or TM_STAGES seconds to add each stage's wall time to (norm, qkv, rotary + cache
-  // write, attention, o, norm, gate/up, SiLU * up, down): benchmarks/step_stages.py.
+  // Null, or 9 seconds to add each stage's wall time to (norm, qkv, rotary + cache write,
+  // attention, o, norm, gate/up, SiLU * up, down: fused_stack.STAGES), for
+  // benchmarks/step_stages.py.
   double* stage_seconds;
 };
 
@@ -136,8 +137,6 @@ inline void silu_mul(const float* gu, float* act, int64_t M, int64_t I, int t) {
   tm_silu_mul_f32(gu, act, M, I, t);
 }
 
-constexpr int TM_STAGES = 9;
-
 // Adds the time since the last mark to stage i, when timing (t null: not timing).
 struct Clock {
   double* t;
@@ -150,6 +149,24 @@ struct Clock {
     last = now;
   }
 };
+
+// The last layer's rows after its cache write: the step's rows, or (s.out_rows) only those
+// whose output is wanted, their qkv and residual rows moved to the front.
+template <typename T>
+Step output_rows(const Step& s, T* qkv, T* res, int64_t NQKV, int64_t H) {
+  Step rows = s;
+  if (!s.out_rows || s.n_out >= s.M) return rows;
+  for (int64_t i = 0; i < s.n_out; ++i) {  // ascending: row i only moves forward
+    const int64_t r = s.out_rows[i];
+    if (r == i) continue;
+    std::memcpy(qkv + i * NQKV, qkv + r * NQKV, NQKV * sizeof(T));
+    std::memcpy(res + i * H, res + r * H, H * sizeof(T));
+  }
+  rows.M = s.n_out;
+  rows.row_seq = s.out_row_seq;
+  rows.bounds = s.out_bounds;
+  return rows;
+}
 
 // Returns -1, or the row whose position is outside the rotary table (nothing written then).
 // E: the cache's element (T, or int8_t).
@@ -181,18 +198,8 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
     clock.mark(1);
     const int64_t bad = rope(qkv, c, s, kc, vc);
     if (bad >= 0) return bad;
-    Step rows = s;  // the rows the rest of the layer runs for
-    if (l == c.n_layers - 1 && s.out_rows && s.n_out < M) {
-      for (int64_t i = 0; i < s.n_out; ++i) {  // ascending: row i only moves forward
-        const int64_t r = s.out_rows[i];
-        if (r == i) continue;
-        std::memcpy(qkv + i * NQKV, qkv + r * NQKV, NQKV * sizeof(T));
-        std::memcpy(res + i * H, res + r * H, H * sizeof(T));
-      }
-      rows.M = s.n_out;
-      rows.row_seq = s.out_row_seq;
-      rows.bounds = s.out_bounds;
-    }
+    // the rows the rest of the layer runs for
+    const Step rows = l == c.n_layers - 1 ? output_rows(s, qkv, res, NQKV, H) : s;
     const int64_t R = rows.M;
     clock.mark(2);
     attend(qkv, h, kc, vc, c, rows);  // h: [R, Hq * D] attention output
