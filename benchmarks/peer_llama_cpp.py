@@ -367,6 +367,11 @@ def main() -> int:
     ]
     logs = Path(tempfile.mkdtemp(prefix="peer-llama-cpp-"))
     lp, tp = free_port(), free_port()
+    llama_cmd = [
+        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(lp),
+        "-np", str(n_par), "-c", str(n_par * per_slot), "-t", str(args.threads), "--no-webui",
+        *(["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"] if args.kv_cache_dtype == "int8"
+          else [])]
     servers = {
         "tokenmill": start("tokenmill", [
             sys.executable, "-m", "tokenmill", "serve", "--model-id", str(gguf),
@@ -376,18 +381,25 @@ def main() -> int:
             "--max-batch-size", str(max(256, n_par)),
             *(["--quantize", args.quantize] if args.quantize else []),
             "--kv-cache-dtype", args.kv_cache_dtype], tp, logs),
-        "llama.cpp": start("llama.cpp", [
-            str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(lp),
-            "-np", str(n_par), "-c", str(n_par * per_slot), "-t", str(args.threads),
-            "--no-webui",
-            *(["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"] if args.kv_cache_dtype == "int8"
-              else [])], lp, logs),
+        "llama.cpp": start("llama.cpp", llama_cmd, lp, logs),
     }
     serve: list[tuple[str, dict[str, ServerRun]]] = []
     notes: list[str] = []
     try:
-        for s in servers.values():
-            s.wait_ready()
+        try:
+            servers["llama.cpp"].wait_ready()
+        except RuntimeError:
+            # llama.cpp's AMX matmul (weights repacked into its AMX buffer on CPUs with
+            # amx_int8) segfaults on this model at its warm-up run (ggml-org/llama.cpp#20824,
+            # closed without a fix): serve again with the weights as they are in the file, the
+            # AVX-512 VNNI path it takes on every other x86 machine.
+            if servers["llama.cpp"].proc.returncode != -signal.SIGSEGV:
+                raise
+            servers["llama.cpp"] = start("llama.cpp", [*llama_cmd, "--no-repack"], lp, logs)
+            servers["llama.cpp"].wait_ready()
+            notes.append("llama-server crashed (SIGSEGV) in its AMX matmul at start-up "
+                         "(ggml-org/llama.cpp#20824) and serves with --no-repack")
+        servers["tokenmill"].wait_ready()
         for ph in phases:
             runs = asyncio.run(run_phase(ph, servers, warmup=2))
             notes += check_lengths(runs)

@@ -154,3 +154,32 @@ def test_portable_build_gives_the_same_bits(tmp_path: Path) -> None:
                            portable.w4a8_matmul(x, q4.packed, q4.scales))
         assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
                            portable.w8a8_matmul(x, q8.packed, q8.scales))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_path_gives_the_vector_paths_bits(dtype: torch.dtype) -> None:
+    """On CPUs with AMX, batches of rows take the tile path (w4a8.cpp): the same integer sums
+    and the same float operations, so the same bits as the VNNI loop, for every row count
+    (whole and partial 16-row tiles, several 64-row chunks) and both weight kinds."""
+    kernels = cpu_kernels()
+    assert kernels is not None
+    if not kernels.w4a8_amx:
+        pytest.skip("no AMX on this CPU (or the OS withholds the tiles)")
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 576, generator=gen)
+    w[5, 64:96] = 0  # an all-zero weight group
+    q4, _ = W4A8Weight.quantize(w, dtype)
+    q8, _ = W8A8Weight.quantize(w, dtype)
+    before = kernels.set_amx_rows(-1)
+    try:
+        for m in (1, 15, 16, 17, 40, 64, 129):
+            x = torch.randn(m, 576, generator=gen).to(dtype)
+            x[m // 2, 32:64] = 0  # an all-zero activation group
+            for q, fn in ((q4, kernels.w4a8_matmul), (q8, kernels.w8a8_matmul)):
+                kernels.set_amx_rows(1 << 40)  # never
+                vnni = fn(x, q.packed, q.scales)
+                kernels.set_amx_rows(1)  # always
+                amx = fn(x, q.packed, q.scales)
+                assert torch.equal(amx, vnni), (m, q)
+    finally:
+        kernels.set_amx_rows(before)

@@ -39,7 +39,7 @@ HEADERS = (_CSRC / "tm_kernels.h",
            *sorted(p for p in _CSRC.glob("*.h") if p.name != "tm_kernels.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 16
+ABI_VERSION = 17
 BUILD_TIMEOUT_S = 180
 
 _C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
@@ -100,9 +100,17 @@ class CpuKernels:
         self._w8a8 = per_dtype("w8a8_matmul")
         self._argmax = per_dtype("argmax")
         self.w4a8_vnni = bool(bind("tm_w4a8_vnni")())  # else the scalar loop: same bits, slower
+        # Intel AMX tiles for batches of rows (w4a8.cpp): the same bits as the VNNI loop.
+        self.w4a8_amx = bool(bind("tm_w4a8_amx")())
+        self._amx_rows = bind("tm_w4a8_set_amx_rows")
         # The whole decoder stack of a w4a8 decode step (models/fused_stack.py builds the
         # structures it takes).
         self.decode_stack = per_dtype("decode_stack")
+
+    def set_amx_rows(self, rows: int) -> int:
+        """Make batches of at least `rows` rows take the AMX path of the quantized matmuls
+        (where there is one) and return the previous threshold; -1: no AMX path."""
+        return int(self._amx_rows(rows))
 
     def supports_argmax(self, x: torch.Tensor) -> bool:
         return (x.dtype in self._argmax and x.device.type == "cpu" and x.dim() == 2

@@ -64,6 +64,8 @@ void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int6
 void tm_argmax_bf16(const uint16_t*, int64_t, int64_t, int64_t, int64_t*, int);
 void tm_argmax_f32(const float*, int64_t, int64_t, int64_t, int64_t*, int);
 int tm_w4a8_vnni();
+int tm_w4a8_amx();
+int64_t tm_w4a8_set_amx_rows(int64_t);
 int tm_abi_version();
 // The fused stack's structures, defined in decode_stack.cpp and mirrored by ctypes structures
 // in models/fused_stack.py.
