@@ -237,6 +237,59 @@ def test_paged_decode_rows_do_not_depend_on_the_batch(dtype: torch.dtype, thread
 
 
 @needs_compiler
+@pytest.mark.parametrize("cache_kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("hq,hk,d", [(9, 3, 64), (8, 2, 128), (4, 1, 64)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_rows_taken_in_blocks_get_their_bits_alone(cache_kind: str, hq: int, hk: int,
+                                                           d: int, threads: int,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A prefill's consecutive rows of one sequence share a work item (their weighted sums
+    widen each V row once); each row still gets, bit for bit, what it gets alone: blocks cut
+    at 8 rows and at a sequence's end, a block's rows ending in different 16-key chunks, rows
+    starting at 0 or after cached keys, a decode row and a sliding-window chunk (not blocked)
+    in between."""
+    from tokenmill.layers import kv_int8
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(11)
+    bs = 16
+    # (sequence, start, first end, rows): 13 rows after 20 cached keys, a decode row, 9 rows of
+    # a fresh prompt, 5 windowed rows (starts move with the ends), 17 rows over 3 blocks
+    spans = [(0, 0, 21, 13), (1, 0, 50, 1), (2, 0, 1, 9), (3, 0, 30, 5), (4, 0, 40, 17)]
+    window = 12
+    per_seq = 4
+    tables = torch.arange(len(spans) * per_seq).view(len(spans), per_seq)
+    tables = tables[:, torch.randperm(per_seq, generator=g)].contiguous()
+    row_seq, bounds = [], []
+    for seq, start, end0, n in spans:
+        for i in range(n):
+            end = end0 + i
+            row_seq.append(seq)
+            bounds.append((max(0, end - window) if seq == 3 else start, end))
+    n_slots = len(spans) * per_seq * bs
+    keys = torch.randn(n_slots, hk, d, generator=g)
+    values = torch.randn(n_slots, hk, d, generator=g)
+    if cache_kind == "int8":
+        cache = torch.zeros(2, hk, len(spans) * per_seq, kv_int8.block_bytes(bs, d),
+                            dtype=torch.int8)
+        kv_int8.write(cache, keys, values, torch.arange(n_slots))
+    else:
+        cache = torch.stack([keys, values]).transpose(1, 2).reshape(
+            2, hk, len(spans) * per_seq, bs, d).to(torch.bfloat16).contiguous()
+    q = torch.randn(len(row_seq), hq, d, generator=g).to(torch.bfloat16)
+    bt, seq_t = torch.tensor(bounds), torch.tensor(row_seq)
+    max_keys = max(e - s for s, e in bounds)
+    batch = kernel.paged_decode(q, cache, tables, bt, max_keys, d ** -0.5, seq_t)
+    for i, s in enumerate(row_seq):
+        alone = kernel.paged_decode(q[i:i + 1].contiguous(), cache, tables[s:s + 1].contiguous(),
+                                    bt[i:i + 1].contiguous(), max_keys, d ** -0.5)
+        assert torch.equal(alone[0].view(torch.int16), batch[i].view(torch.int16)), i
+
+
+@needs_compiler
 def test_decode_kernel_declines_what_it_cannot_take() -> None:
     kernel = cpu_kernels()
     assert kernel is not None

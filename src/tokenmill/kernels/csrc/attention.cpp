@@ -15,9 +15,12 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
+// The per-item helpers here and in attn_kv8.h are always inlined: called from the row-block
+// path too, GCC kept them out of line, and a decode step's attention was ~5% slower.
 namespace kv8 = tmk::kv8;
 using tmk::attn::Item;
 using tmk::attn::Prefetch;
@@ -36,6 +39,7 @@ inline __m512 sum16(const __m512 (&v)[16]) { return tmk::reduce16(v, tmk::vadd);
 // (row stride DC): vdpbf16ps on the stored bfloat16 values, float32 sums, written to
 // out[j_lo..j_hi-1]. DC is a multiple of 32.
 template <int64_t DC>
+[[gnu::always_inline]]
 inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, int64_t j_hi,
                           float* out) {
   constexpr int NC = DC / 32;
@@ -59,6 +63,7 @@ inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, i
 // widened once and feeds all GC heads from registers; the generic loop widened it per head
 // and kept the sums in memory (~2x the operations). FMA: one rounding per term.
 template <int64_t DC, int GC, typename PF>
+[[gnu::always_inline]]
 inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
                     int64_t end, const float* w, int64_t stride, float* acc, PF* pf) {
   constexpr int NV = DC / 16;
@@ -87,6 +92,7 @@ inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_
 // pv_bf16 over G heads, up to 4 at a time for head dim 64 and 2 for 128 (the sums then fill
 // 16 registers next to the widened V row).
 template <int64_t DC, typename PF>
+[[gnu::always_inline]]
 inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
                           int64_t end, const float* w, int64_t stride, int64_t G, float* acc,
                           PF& pf) {
@@ -122,6 +128,7 @@ template <typename T>
 // sc[g][0:n] = scale * (q_g . K[p]) for the item's keys p, n = end - start, G query heads
 // (row q, heads D apart); rows of sc `stride` apart. Prefetches the next item as it goes.
 template <typename T, int64_t DC>
+[[gnu::always_inline]]
 inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t G,
                    float scale, float* sc, int64_t stride, float* qf, Prefetch<T>& pf) {
   const int64_t start = it.start, end = it.end;
@@ -164,6 +171,7 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
 }
 
 // Softmax in place over each of G rows of n scores (rows `stride` apart).
+[[gnu::always_inline]]
 inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
   for (int64_t g = 0; g < G; ++g) {
     float* sg = sc + g * stride;
@@ -183,6 +191,7 @@ inline void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
 
 // acc[g][0:D] = sum over the item's keys p of w[g][p - start] * V[p], for G heads.
 template <typename T, int64_t DC>
+[[gnu::always_inline]]
 inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, const float* w,
                          int64_t stride, float* acc, Prefetch<T>& pf) {
 #if defined(__AVX512BF16__)
@@ -208,6 +217,141 @@ inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, co
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Prefill rows in blocks: RB consecutive rows of one sequence (their ends consecutive) share
+// every key and value they read, so one work item takes them together. Each row's scores and
+// softmax are its own, as alone; the weighted sum widens each V row to float once for the
+// block's RB x G query heads (alone, once for G: the widening was ~40% of that loop), then
+// performs per head exactly the operations of pv_int8 / pv_bf16 in key order, so a row gets
+// the bits it gets alone. A head whose row ends earlier in the block meets zero weights for
+// the keys past its end: fma(0, v, acc) is acc (acc starts at +0 and never becomes -0).
+constexpr int64_t KC = 16;  // keys per chunk: an int8 sub-block, or a slice of a bf16 block
+
+// acc[r][0:DC] += sum over u in [lo, hi) of ws[r][c / 2][u] * vf[u][c] for CH heads r.
+template <int64_t DC, int CH>
+inline void pv_rows_chunk(const float* vf, const float* ws, int64_t lo, int64_t hi, float* acc) {
+  constexpr int NV = DC / 16, NG = DC / 32;
+  __m512 a[CH][NV];
+  for (int r = 0; r < CH; ++r)
+    for (int c = 0; c < NV; ++c) a[r][c] = _mm512_loadu_ps(acc + r * DC + 16 * c);
+  for (int64_t u = lo; u < hi; ++u) {
+    __m512 v[NV];
+    for (int c = 0; c < NV; ++c) v[c] = _mm512_load_ps(vf + u * DC + 16 * c);
+    for (int r = 0; r < CH; ++r)
+      for (int c = 0; c < NV; ++c)
+        a[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(ws[(r * NG + c / 2) * KC + u]), v[c], a[r][c]);
+  }
+  for (int r = 0; r < CH; ++r)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + r * DC + 16 * c, a[r][c]);
+}
+
+// The block's weighted sums: acc[r][0:DC] for its RH = rows x G heads (r = row * G + g),
+// w[r] the weights (rows `stride` apart, key p at p - start), row_end[row] each row's end;
+// `it` spans the block's keys, up to its last row's end. E: int8_t (kv8.h's layout) or
+// bfloat16; bs a multiple of KC.
+template <typename E, int64_t DC>
+void pv_rows(const Item<E>& it, int64_t bs, int64_t RH, int64_t G, const int64_t* row_end,
+             const float* w, int64_t stride, float* acc, Prefetch<E>& pf) {
+  constexpr int64_t NG = DC / 32, CH = DC <= 64 ? 6 : 2;
+  alignas(64) float vf[KC * DC];
+  alignas(64) float ws[2048 / DC * NG * KC];  // RH * DC <= 2048: see row_block
+  for (int64_t i = 0; i < RH * DC; ++i) acc[i] = 0.f;
+  for (int64_t p0 = it.start - it.start % KC; p0 < it.end; p0 += KC) {
+    if (p0 % bs == 0 || p0 <= it.start) pf.step(true);
+    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + KC, it.end) - p0;
+    const float* vs = nullptr;  // the int8 cache's V scales [NG][KC]
+    if constexpr (std::is_same_v<E, int8_t>) {
+      const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
+      vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC);
+      for (int64_t u = lo; u < hi; ++u)
+        for (int c = 0; c < DC / 16; ++c)
+          _mm512_store_ps(vf + u * DC + 16 * c,
+                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                              reinterpret_cast<const __m128i*>(sb + u * DC + 16 * c)))));
+    } else {
+      const uint16_t* vb = reinterpret_cast<const uint16_t*>(it.vh) +
+                           (it.table[p0 / bs] * bs + p0 % bs) * DC;
+      for (int64_t u = lo; u < hi; ++u)
+        for (int c = 0; c < DC / 16; ++c)
+          _mm512_store_ps(vf + u * DC + 16 * c,
+                          _mm512_castsi512_ps(_mm512_slli_epi32(
+                              _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(vb + u * DC + 16 * c))),
+                              16)));
+    }
+    for (int64_t r = 0; r < RH; ++r) {
+      const int64_t rhi = std::min(hi, row_end[r / G] - p0);
+      const __mmask16 keep =
+          rhi > lo ? __mmask16(((1u << rhi) - 1u) & ~((1u << lo) - 1u)) : __mmask16(0);
+      const __m512 wr = _mm512_maskz_loadu_ps(keep, w + r * stride + (p0 - it.start));
+      for (int64_t c = 0; c < NG; ++c)
+        _mm512_store_ps(ws + (r * NG + c) * KC,
+                        vs ? _mm512_mul_ps(wr, _mm512_loadu_ps(vs + kv8::SUB * c)) : wr);
+    }
+    for (int64_t r0 = 0; r0 < RH; r0 += CH) {
+      const float* wr = ws + r0 * NG * KC;
+      float* ar = acc + r0 * DC;
+      switch (std::min<int64_t>(CH, RH - r0)) {
+        case 1: pv_rows_chunk<DC, 1>(vf, wr, lo, hi, ar); break;
+        case 2: pv_rows_chunk<DC, 2>(vf, wr, lo, hi, ar); break;
+        case 3: pv_rows_chunk<DC, (CH >= 3 ? 3 : 1)>(vf, wr, lo, hi, ar); break;
+        case 4: pv_rows_chunk<DC, (CH >= 4 ? 4 : 1)>(vf, wr, lo, hi, ar); break;
+        case 5: pv_rows_chunk<DC, (CH >= 5 ? 5 : 1)>(vf, wr, lo, hi, ar); break;
+        default: pv_rows_chunk<DC, CH>(vf, wr, lo, hi, ar);
+      }
+    }
+  }
+}
+#define TM_ATTN_ROW_BLOCKS 1
+#endif
+
+// Rows per work item for prefill row blocks: 1 (rows alone) where pv_rows does not apply; else
+// up to 8, the block's heads' sums (rows x G x D floats) within 8 KB.
+template <typename E, int64_t DC>
+constexpr int64_t row_block(int64_t G, int64_t bs) {
+#if defined(TM_ATTN_ROW_BLOCKS)
+  if constexpr (DC > 0 && (std::is_same_v<E, int8_t> || std::is_same_v<E, uint16_t>)) {
+    if (bs % KC == 0) return std::clamp<int64_t>(2048 / (G * DC), 1, 8);
+  }
+#endif
+  (void)G;
+  (void)bs;
+  return 1;
+}
+
+// One work item of a row block (rows > 1, see row_block): each row's scores and softmax as
+// alone, then the block's weighted sums together (pv_rows). q: the first row's query heads of
+// this KV head (rows q_tok apart); rb_bounds: the rows' [start, end). Out of line, so that the
+// single-row path in paged_decode compiles as it did without it (inlined, it cost a decode
+// step's attention ~20%).
+template <typename T, typename E, int64_t DC>
+[[gnu::noinline]] void row_block_item(const T* q, int64_t q_tok, const Item<E>& it, int64_t bs,
+                                      int64_t D, int64_t G, const int64_t* rb_bounds,
+                                      int64_t rows, float scale, int64_t max_keys, float* qf,
+                                      Q8& q8, float* acc, Prefetch<E>& pf) {
+#if defined(TM_ATTN_ROW_BLOCKS)
+  if constexpr (row_block<E, DC>(1, KC) > 1) {
+    thread_local std::vector<float> sc;  // the rows' scores [rows][G][max_keys]
+    if (sc.size() < size_t(rows * G * max_keys)) sc.resize(size_t(rows * G * max_keys));
+    int64_t ends[8];
+    for (int64_t i = 0; i < rows; ++i) {
+      Item<E> row = it;
+      row.end = ends[i] = rb_bounds[2 * i + 1];
+      float* si = sc.data() + i * G * max_keys;
+      if constexpr (std::is_same_v<E, int8_t>)
+        scores_int8<T, DC>(q + i * q_tok, row, bs, D, G, scale, si, max_keys, q8, pf);
+      else
+        scores<T, DC>(q + i * q_tok, row, bs, D, G, scale, si, max_keys, qf, pf);
+      softmax_rows(si, row.end - row.start, G, max_keys);
+    }
+    pv_rows<E, DC>(it, bs, rows * G, G, ends, sc.data(), max_keys, acc, pf);
+    return;
+  }
+#endif
+  (void)q, (void)q_tok, (void)it, (void)bs, (void)D, (void)G, (void)rb_bounds, (void)rows;
+  (void)scale, (void)max_keys, (void)qf, (void)q8, (void)acc, (void)pf;
+}
+
 // Attention straight from the paged cache, one query row at a time, no gather: decode rows
 // and prefill rows alike (a prefill row is a query that attends to the keys up to its own
 // position, written to the cache before this call). q [B, Hq, D] (row stride q_tok, head
@@ -218,21 +362,26 @@ inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, co
 // they read. Scores live in float32 scratch [threads, G * max_keys]; the softmax and both
 // products run in float32.
 // E: the cache's element, T or int8_t (kv8.h's layout, kv_head in bytes).
-template <typename T, typename E, int64_t DC>  // DC: the head dim when fixed at compile time
-void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,
+// first: with BLOCKS, the first row of each of n_work row blocks (first[n_work] = B); without,
+// null and every row alone (n_work = B): the loop then compiles as it did before row blocks
+// (decode steps: their attention was ~5% slower through the blocks' bookkeeping).
+template <typename T, typename E, int64_t DC, bool BLOCKS>
+void paged_attend(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,
                   int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
-                  const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
-                  int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
+                  const int64_t* row_seq, const int64_t* bounds, const int64_t* first,
+                  int64_t n_work, int64_t Hq, int64_t Hk, float scale, float* scratch,
+                  int64_t max_keys, int threads) {
   constexpr bool INT8 = std::is_same_v<E, int8_t>;
-  const int64_t G = Hq / Hk, D = DC ? DC : head_dim, n_items = B * Hk;
+  const int64_t G = Hq / Hk, D = DC ? DC : head_dim, n_items = n_work * Hk;
   const int64_t block_elems = INT8 ? kv8::block_bytes(bs, D) : bs * D;
   // Items taken from both ends in turn: each thread's share is two contiguous runs, one from
   // the front and one from the back, so a prefill's short and long rows even out.
   auto item_of = [&](int64_t p) { return (p & 1) ? n_items - 1 - p / 2 : p / 2; };
-  auto view = [&](int64_t item) {
-    const int64_t b = item / Hk, h = item % Hk;
+  auto view = [&](int64_t item) {  // the item's keys: up to its last row's end
+    const int64_t k = item / Hk, h = item % Hk;
+    const int64_t b = BLOCKS ? first[k] : k, e = BLOCKS ? first[k + 1] - 1 : k;
     return Item<E>{tables + (row_seq ? row_seq[b] : b) * table_stride, kc + h * kv_head,
-                   vc + h * kv_head, bounds[2 * b], bounds[2 * b + 1]};
+                   vc + h * kv_head, bounds[2 * b], bounds[2 * e + 1]};
   };
 #pragma omp parallel num_threads(threads)
   {
@@ -249,7 +398,8 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
       // (or, past its share, another thread's first: harmless). A prefill's rows of one
       // sequence share blocks, in cache after the first: as p + 1 comes from the same end as
       // p - 1, when both read the same sequence and head there is nothing to fetch.
-      const int64_t item = item_of(p), b = item / Hk, h = item % Hk;
+      const int64_t item = item_of(p), k = item / Hk, h = item % Hk;
+      const int64_t b0 = BLOCKS ? first[k] : k, rows = BLOCKS ? first[k + 1] - b0 : 1;
       const Item<E> it = view(item);
       if (p + 1 < n_items) {
         const Item<E> nx = view(item_of(p + 1));
@@ -257,21 +407,61 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
         const bool seen = p > 0 && prev.table == nx.table && prev.kh == nx.kh;
         if (!seen) pf.reset(nx, bs, block_elems);
       }
-      const T* qrow = q + b * q_tok + h * G * D;
-      if constexpr (INT8) {
-        scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
-        softmax_rows(sc, it.end - it.start, G, max_keys);
-        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc, pf);
-      } else {
-        scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
-        softmax_rows(sc, it.end - it.start, G, max_keys);
-        weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc, pf);
+      if (rows == 1) {
+        const T* qrow = q + b0 * q_tok + h * G * D;
+        if constexpr (INT8) {
+          scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
+          softmax_rows(sc, it.end - it.start, G, max_keys);
+          weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc, pf);
+        } else {
+          scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
+          softmax_rows(sc, it.end - it.start, G, max_keys);
+          weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc, pf);
+        }
+      } else if constexpr (BLOCKS) {
+        row_block_item<T, E, DC>(q + b0 * q_tok + h * G * D, q_tok, it, bs, D, G,
+                                 bounds + 2 * b0, rows, scale, max_keys, qf, q8, acc, pf);
       }
       pf.finish();
-      T* orow = out + (b * Hq + h * G) * D;
+      for (int64_t i = 0; i < rows; ++i) {
+        T* orow = out + ((b0 + i) * Hq + h * G) * D;
+        const float* ai = acc + i * G * D;
 #pragma omp simd
-      for (int64_t i = 0; i < G * D; ++i) store(orow, i, acc[i]);
+        for (int64_t j = 0; j < G * D; ++j) store(orow, j, ai[j]);
+      }
     }
+  }
+}
+
+// Work blocks of rows: a prefill's consecutive rows of one sequence (same start, ends one apart)
+// up to row_block of them together, every other row alone; with none to join, the loop
+// without blocks.
+template <typename T, typename E, int64_t DC>
+void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,
+                  int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
+                  const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
+                  int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
+  const int64_t rb = row_block<E, DC>(Hq / Hk, bs);
+  std::vector<int64_t> first;
+  if (rb > 1 && row_seq) {
+    first.reserve(size_t(B) + 1);
+    for (int64_t b = 0; b < B; ++b) {
+      const bool join = b > 0 && b - first.back() < rb && row_seq[b] == row_seq[b - 1] &&
+                        bounds[2 * b] == bounds[2 * b - 2] &&
+                        bounds[2 * b + 1] == bounds[2 * b - 1] + 1;
+      if (!join) first.push_back(b);
+    }
+  }
+  if (!first.empty() && int64_t(first.size()) < B) {
+    const int64_t n_work = int64_t(first.size());
+    first.push_back(B);
+    paged_attend<T, E, DC, true>(q, q_tok, out, kc, vc, kv_head, bs, head_dim, tables,
+                                 table_stride, row_seq, bounds, first.data(), n_work, Hq, Hk,
+                                 scale, scratch, max_keys, threads);
+  } else {
+    paged_attend<T, E, DC, false>(q, q_tok, out, kc, vc, kv_head, bs, head_dim, tables,
+                                  table_stride, row_seq, bounds, nullptr, B, Hq, Hk, scale,
+                                  scratch, max_keys, threads);
   }
 }
 

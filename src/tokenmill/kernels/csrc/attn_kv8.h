@@ -27,6 +27,7 @@ struct Q8 {
 };
 
 template <typename T>
+[[gnu::always_inline]]
 inline void quantize_query(const T* q, int64_t D, int64_t G, Q8& out) {
   const int64_t NG = D / kv8::GRP;
   for (int64_t g = 0; g < G; ++g)
@@ -51,6 +52,7 @@ inline int32_t quad(const int8_t* p) {  // 4 query bytes as the dword vpdpbusd b
 // heads share the key loads and their chains interleave (one head at a time, the loop waited
 // on the vpdpbusd latency). The scalar loop performs the same float operations per head.
 template <int64_t DC, int GC>
+[[gnu::always_inline]]
 inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, int64_t NG,
                         const int8_t* sb, int64_t D, int64_t j_lo, int64_t j_hi, float* out,
                         int64_t stride) {
@@ -102,6 +104,7 @@ inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, 
 
 // scores() for the int8 cache: GMAX heads at a time (the registers hold 2 * GMAX chains).
 template <typename T, int64_t DC>
+[[gnu::always_inline]]
 inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
                         float scale, float* sc, int64_t stride, Q8& q8, Prefetch<int8_t>& pf) {
   constexpr int GMAX = 4;
@@ -136,6 +139,7 @@ inline void scores_int8(const T* q, const Item<int8_t>& it, int64_t bs, int64_t 
 // acc += ws * v, in key order, for the GC heads. The generic loop (any D, no AVX-512) performs
 // the same float operations.
 template <int64_t DC, int GC>
+[[gnu::always_inline]]
 inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t stride,
                     float* acc, Prefetch<int8_t>* pf) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -172,6 +176,7 @@ inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t 
 }
 
 template <int64_t DC>
+[[gnu::always_inline]]
 inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
                               const float* w, int64_t stride, float* acc,
                               Prefetch<int8_t>& pf) {
