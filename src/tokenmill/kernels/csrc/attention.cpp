@@ -358,9 +358,10 @@ template <typename T, typename E, int64_t DC>
 // stride D), out [B, Hq, D] contiguous; k/v caches [Hk, n_blocks, bs, D] (head stride
 // kv_head); tables [S, table_stride] block ids per sequence, row_seq [B] each row's sequence
 // (null: row b is sequence b); bounds [B, 2] = the key positions [start, end) each row attends
-// to. One work item per (row, KV head): its G = Hq / Hk query heads share every K and V row
-// they read. Scores live in float32 scratch [threads, G * max_keys]; the softmax and both
-// products run in float32.
+// to. One work item per (row, KV head), or per (row block, KV head) for a prefill's rows (see
+// row_block_item): its G = Hq / Hk query heads share every K and V row they read. Scores live
+// in float32 scratch [threads, G * max_keys] (a row block's in a thread's own buffer); the
+// softmax and both products run in float32.
 // E: the cache's element, T or int8_t (kv8.h's layout, kv_head in bytes).
 // first: with BLOCKS, the first row of each of n_work row blocks (first[n_work] = B); without,
 // null and every row alone (n_work = B): the loop then compiles as it did before row blocks
