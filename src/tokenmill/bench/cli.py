@@ -13,11 +13,21 @@ with TTFT / inter-token / end-to-end percentiles and throughput per level. Lengt
 count (128), uniform:LO:HI or normal:MEAN:STD tokens."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none or the text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "(default" in text:  # flags too
+            return text
+        return super()._get_help_string(action) or text
+
+
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench` on the `tokenmill` command's subparsers."""
     p = subparsers.add_parser(
         "bench", help="load-test an OpenAI- or TGI-compatible server", description=_DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("servers")
     g.add_argument("--url", default="http://127.0.0.1:3000", help="base URL of the server")
     g.add_argument("--label", default="A", help="name of --url in tables")
