@@ -246,3 +246,19 @@ def test_bench_does_not_import_torch() -> None:
             "tokenmill.cli.build_parser().parse_args(['bench']); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_shows_defaults_only_where_they_say_something() -> None:
+    """`tokenmill bench --help` names real defaults, never "(default: None)" nor a switch's
+    True/False, and no default twice."""
+    import argparse
+
+    from tokenmill.bench.cli import add_bench_parser
+
+    parser = argparse.ArgumentParser(prog="tokenmill")
+    text = add_bench_parser(parser.add_subparsers()).format_help()
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat
+    assert "(default: True)" not in flat and "(default: False)" not in flat
+    assert "(default: 600.0)" in flat  # --timeout
+    assert flat.count("(default: env API_KEY)") == 1 and "API_KEY) (default" not in flat
