@@ -1,6 +1,6 @@
 """The int4 x int8 and int8 x int8 kernels (`--quantize w4a8`, kernels/csrc/w4a8.cpp): their
 packed layouts, their arithmetic against a float64 reference that rounds the activations the
-same way, batch invariance, and the portable scalar build giving the vector build's bits."""
+same way, batch invariance, and the AVX2 and scalar builds giving the native build's bits."""
 
 from __future__ import annotations
 
@@ -136,24 +136,43 @@ def test_wrong_width_is_refused() -> None:
         qw.matmul(torch.randn(1, 32))
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 flags")
-def test_portable_build_gives_the_same_bits(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("march", "avx2"), [("x86-64-v2", False), ("x86-64-v3", True)])
+def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool) -> None:
+    """The native build (VNNI, or AVX2 on a CPU without it) against the scalar loop
+    (x86-64-v2) and the AVX2 path (x86-64-v3): the same integer sums and float operations,
+    so the same bits, for 1 to 9 and 70 rows (every rows-per-pass case, partial passes, two
+    64-row chunks), with all-zero weight and activation groups."""
+    if avx2 and not _cpu_has("avx2", "fma"):
+        pytest.skip("no AVX2 and FMA on this CPU")
     native = cpu_kernels()
     assert native is not None
-    flags = tuple("-march=x86-64-v2" if f == "-march=native" else f for f in FLAGS)
+    flags = tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
     path = build(tmp_path, flags)
-    portable = CpuKernels(ctypes.CDLL(str(path)), path)
-    assert not portable.w4a8_vnni
+    other = CpuKernels(ctypes.CDLL(str(path)), path)
+    assert not other.w4a8_vnni and other.w4a8_avx2 == avx2
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(48, 192, generator=gen)
+    w[7, 32:64] = 0
     q4, _ = W4A8Weight.quantize(w, torch.bfloat16)
     q8, _ = W8A8Weight.quantize(w, torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(5, 192, generator=gen).to(dtype)
-        assert torch.equal(native.w4a8_matmul(x, q4.packed, q4.scales),
-                           portable.w4a8_matmul(x, q4.packed, q4.scales))
-        assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
-                           portable.w8a8_matmul(x, q8.packed, q8.scales))
+        for m in (*range(1, 10), 70):
+            x = (3 * torch.randn(m, 192, generator=gen)).to(dtype)
+            x[m // 2, 64:96] = 0
+            assert torch.equal(native.w4a8_matmul(x, q4.packed, q4.scales),
+                               other.w4a8_matmul(x, q4.packed, q4.scales)), (dtype, m)
+            assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
+                               other.w8a8_matmul(x, q8.packed, q8.scales)), (dtype, m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

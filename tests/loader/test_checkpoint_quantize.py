@@ -18,9 +18,9 @@ from tokenmill.loader import ModelSource, resolve_model
 from tokenmill.runner.loading import checkpoint_quantize, load_model, resolve_quantize
 
 _K = cpu_kernels()
-VNNI = _K is not None and _K.w4a8_vnni
+VECTOR = _K is not None and _K.w4a8_vector  # AVX-512 VNNI or AVX2
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # (no CUDA needed to name it)
-W4A8 = "w4a8" if VNNI else None  # without the VNNI kernel the GGUF loads as it is
+W4A8 = "w4a8" if VECTOR else None  # with the scalar loop alone the GGUF loads as it is
 
 
 def _gguf(folder: Path, types: dict[str, str] | None) -> ModelSource:
@@ -68,7 +68,7 @@ def test_a_safetensors_folder_loads_as_it_is(tmp_path: Path) -> None:
     assert checkpoint_quantize(source, CPU) is None
 
 
-@pytest.mark.skipif(not VNNI, reason="no AVX-512 VNNI: the default GGUF loads unquantized")
+@pytest.mark.skipif(not VECTOR, reason="no AVX2 or VNNI: the default GGUF loads unquantized")
 def test_the_default_model_runs_w4a8_unless_told_not_to() -> None:
     lm = load_model(ModelConfig(dtype="bfloat16"))
     assert lm.quantize == "w4a8"

@@ -39,7 +39,7 @@ HEADERS = (_CSRC / "tm_kernels.h",
            *sorted(p for p in _CSRC.glob("*.h") if p.name != "tm_kernels.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
          "-std=c++17")
-ABI_VERSION = 17
+ABI_VERSION = 18
 BUILD_TIMEOUT_S = 180
 
 _C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
@@ -99,7 +99,11 @@ class CpuKernels:
         self._w4a8 = per_dtype("w4a8_matmul")
         self._w8a8 = per_dtype("w8a8_matmul")
         self._argmax = per_dtype("argmax")
-        self.w4a8_vnni = bool(bind("tm_w4a8_vnni")())  # else the scalar loop: same bits, slower
+        # The quantized matmuls' integer path: AVX-512 VNNI, else AVX2 (vpmaddubsw), else a
+        # scalar loop; all give the same bits, the scalar one slowly.
+        self.w4a8_vnni = bool(bind("tm_w4a8_vnni")())
+        self.w4a8_avx2 = bool(bind("tm_w4a8_avx2")())
+        self.w4a8_vector = self.w4a8_vnni or self.w4a8_avx2
         # Intel AMX tiles for batches of rows (w4a8.cpp): the same bits as the VNNI loop.
         self.w4a8_amx = bool(bind("tm_w4a8_amx")())
         self._amx_rows = bind("tm_w4a8_set_amx_rows")

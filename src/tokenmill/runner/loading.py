@@ -80,8 +80,9 @@ FOUR_BIT_GGUF_TYPES = frozenset({"Q4_0", "Q4_1"})
 def checkpoint_quantize(source: ModelSource, device: torch.device,
                         dtype: str = "auto") -> str | None:
     """The quantization a checkpoint implies by itself: a GGUF whose linear layers are all
-    Q4_0/Q4_1 runs them as w4a8 on a CPU with the native VNNI kernel, the arithmetic llama.cpp
-    uses for those files (4-bit weights, activations rounded to int8 per group of 32).
+    Q4_0/Q4_1 runs them as w4a8 on a CPU with a vector kernel (AVX-512 VNNI or AVX2), the
+    arithmetic llama.cpp uses for those files (4-bit weights, activations rounded to int8 per
+    group of 32).
     Dequantized to bfloat16 instead, a decode step reads 4x the bytes and runs the layers one
     by one from Python (SmolLM2-135M: ~38 against ~250 tokens/s at batch 1). Not when
     `dtype` (as asked for) is float32 or float16: that asks for the dequantized weights'
@@ -97,7 +98,7 @@ def checkpoint_quantize(source: ModelSource, device: torch.device,
     if not linear or any(name not in FOUR_BIT_GGUF_TYPES for name in linear):
         return None
     kernels = cpu_kernels()
-    return "w4a8" if kernels is not None and kernels.w4a8_vnni else None
+    return "w4a8" if kernels is not None and kernels.w4a8_vector else None
 
 
 def resolve_quantize(cfg: ModelConfig, source: ModelSource, device: torch.device) -> str | None:

@@ -10,7 +10,7 @@
 #include "attn_paged.h"
 #include "kv8.h"
 #include "tm_kernels.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -84,6 +84,42 @@ inline void qk_sub_int8(const int8_t* q8, const float* qd, const int32_t* corr, 
     }
     const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
     for (int h = 0; h < GC; ++h) _mm512_mask_storeu_ps(out + h * stride, keep, acc[h]);
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // AVX2: 8 keys per vector, a half sub-block at a time. Stored + 128, the keys would
+  // saturate vpmaddubsw's int16 pairs, so they are made signed again (never -128: the cache
+  // clamps to +-127) and the query's sign moves onto them, |q| * (k * sign(q)) (w4a8.cpp's
+  // int8 tile): t is the VNNI loop's integer, then its float operations.
+  if constexpr (DC > 0) {
+    const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+    alignas(32) float res[GC][kv8::SUB];
+    for (int half = 0; half < 2; ++half) {
+      __m256 acc[GC];
+      for (int h = 0; h < GC; ++h) acc[h] = _mm256_setzero_ps();
+      for (int c = 0; c < DC / kv8::GRP; ++c) {
+        const int8_t* kc = sb + 512 * c + 32 * half;
+        __m256i t[GC];
+        for (int h = 0; h < GC; ++h) t[h] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i k = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kc + 64 * j)), flip);
+          for (int h = 0; h < GC; ++h) {
+            const __m256i qb = _mm256_set1_epi32(quad(q8 + h * D + kv8::GRP * c + 4 * j));
+            t[h] = _mm256_add_epi32(
+                t[h], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(qb),
+                                                             _mm256_sign_epi8(k, qb)), ones));
+          }
+        }
+        const __m256 kd = _mm256_loadu_ps(ks + kv8::SUB * c + 8 * half);
+        for (int h = 0; h < GC; ++h)
+          acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[h]),
+                                   _mm256_mul_ps(kd, _mm256_set1_ps(qd[h * NG + c])), acc[h]);
+      }
+      for (int h = 0; h < GC; ++h) _mm256_store_ps(res[h] + 8 * half, acc[h]);
+    }
+    for (int h = 0; h < GC; ++h)
+      for (int64_t u = j_lo; u < j_hi; ++u) out[h * stride + u] = res[h][u];
     return;
   }
 #endif

@@ -4,7 +4,7 @@
 // definition and every call agree, and kernels/cpu.py reads its ctypes signatures from this
 // block too (pointers, int64_t, int and float only, one declaration per entry point).
 #pragma once
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <algorithm>
@@ -64,6 +64,7 @@ void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int6
 void tm_argmax_bf16(const uint16_t*, int64_t, int64_t, int64_t, int64_t*, int);
 void tm_argmax_f32(const float*, int64_t, int64_t, int64_t, int64_t*, int);
 int tm_w4a8_vnni();
+int tm_w4a8_avx2();
 int tm_w4a8_amx();
 int64_t tm_w4a8_set_amx_rows(int64_t);
 int tm_abi_version();
@@ -181,7 +182,44 @@ inline int32_t quantize_group(__m512 a, __m512 b, int8_t* q, float* d) {  // the
 inline int32_t quantize_group(const uint16_t* v, int8_t* q, float* d) {
   return quantize_group(load16(v), load16(v + 16), q, d);
 }
+#elif defined(__AVX2__)
+// AVX2 (no AVX-512): the same float operations on 4 vectors of 8, so the same bits.
+inline int32_t quantize_group(const __m256 (&v)[4], int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  *d = _mm_cvtss_f32(h) / 127.f;
+  const __m256 id = _mm256_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  __m256i qi[4];
+  for (int j = 0; j < 4; ++j)  // the MXCSR's rounding: to nearest even, as nearbyint
+    qi[j] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v[j], id), hi), lo));
+  // Packing works within 128-bit lanes: dwords 0, 4, 1, 5, ... put the bytes back in order.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]),
+                                       _mm256_packs_epi32(qi[2], qi[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(t);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+template <typename T>
+inline int32_t quantize_group(const T* v, int8_t* q, float* d) {
+  const __m256 x[4] = {load8(v), load8(v + 8), load8(v + 16), load8(v + 24)};
+  return quantize_group(x, q, d);
+}
 #endif
+#if !defined(__AVX2__) || defined(__AVX512F__)
 inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
 #if defined(__AVX512F__)
   return quantize_group(_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16), q, d);
@@ -199,7 +237,8 @@ inline int32_t quantize_group(const float* v, int8_t* q, float* d) {
   return s;
 #endif
 }
-#if !defined(__AVX512F__)
+#endif
+#if !defined(__AVX512F__) && !defined(__AVX2__)
 inline int32_t quantize_group(const uint16_t* v, int8_t* q, float* d) {
   float f[32];
   for (int i = 0; i < 32; ++i) f[i] = bf16_to_float(v[i]);

@@ -21,8 +21,8 @@
 // holding k-quad c; the scales [tile][group][row] float32.
 //
 // Every output row is computed by the same sequence of float operations whatever the other
-// rows are (batch invariance), and the scalar path (no VNNI) performs the same operations as
-// the vector one, so both give the same bits.
+// rows are (batch invariance), and the AVX2 path (no VNNI) and the scalar one (neither)
+// perform the same operations as the VNNI one, so all give the same bits.
 #include <omp.h>
 
 #include "tm_kernels.h"
@@ -34,6 +34,11 @@
 #include <unistd.h>
 #define TM_W4A8_AMX 1
 #endif
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 without VNNI (AMD Zen 2/3, Intel before Ice Lake): vpmaddubsw + vpmaddwd make the same
+// exact integer sums as vpdpbusd, 8 output rows per vector (tile_rows_avx2).
+#include <immintrin.h>
+#define TM_W4A8_AVX2 1
 #endif
 
 #include <algorithm>
@@ -49,7 +54,12 @@ constexpr int64_t GS = 32;          // quantization group along K (weights and a
 constexpr int64_t TN = 16;          // output rows per tile
 constexpr int64_t WB = TN * GS / 2;  // packed int4 weight bytes per tile and group
 constexpr int64_t WB8 = TN * GS;     // packed int8 weight bytes per tile and group
-constexpr int64_t MB = 8;           // activation rows per pass over a tile's weights
+// Activation rows per pass over a tile's weights: AVX2 has 16 vector registers, not 32.
+#if TM_W4A8_AVX2
+constexpr int64_t MB = 4;
+#else
+constexpr int64_t MB = 8;
+#endif
 constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
 constexpr int64_t PF_ROWS = 4;      // rows per work item from which the next tile is prefetched
 constexpr int64_t GUIDED_ROWS = 32; // rows per work item from which items are handed out guided
@@ -151,6 +161,103 @@ template <int64_t BYTES>
   __builtin_prefetch(ns + g * 4 * TN, 0, 2);
 }
 
+#if TM_W4A8_AVX2
+// 8 floats to float or bfloat16 storage.
+template <typename T>
+inline void store8(T* y, __m256 v) {
+  alignas(32) float out[8];
+  _mm256_store_ps(out, v);
+  for (int r = 0; r < 8; ++r) from_float(y + r, out[r]);
+}
+
+// The int4 tile on AVX2, one half (8 output rows: the low or high 32 bytes of the packed
+// vectors) after the other. Per group and row, 8 vpmaddubsw (unsigned q times signed a8,
+// adjacent pairs summed to int16) add up in int16: at most 8 * 2 * 15 * 127 = 30480, so
+// nothing saturates or wraps; one vpmaddwd then gives each output row's int32 sum over the
+// group. That is the integer t of the VNNI loop, followed by its float operations: the same
+// bits.
+template <typename T, int NR>
+inline void tile_rows_avx2(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
+                           const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
+                           const char* ns) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i top = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[NR];
+    for (int m = 0; m < NR; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wg = w + g * WB + 32 * h;
+      if (h == 0) prefetch_group<WB>(nw, ns, g);
+      __m256i p[NR];
+      for (int m = 0; m < NR; ++m) p[m] = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j));
+        const __m256i lo = _mm256_and_si256(v, nib);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        for (int m = 0; m < NR; ++m) {
+          const int8_t* a = xq + m * K + g * GS;
+          p[m] = _mm256_add_epi16(p[m],
+                                  _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(a + 4 * j))));
+          p[m] = _mm256_add_epi16(
+              p[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(a + 16 + 4 * j))));
+        }
+      }
+      const __m256i sc =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 2 * TN + 16 * h));
+      const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(sc, 16));
+      const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(sc, top));
+      for (int m = 0; m < NR; ++m) {
+        const Act& pa = act[m * G + g];
+        const __m256i t =
+            _mm256_add_epi32(_mm256_set1_epi32(pa.corr), _mm256_madd_epi16(p[m], ones));
+        const __m256 f = _mm256_cvtepi32_ps(t);
+        acc[m] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(pa.d)), acc[m]);
+        acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(pa.dsum), acc[m]);
+      }
+    }
+    for (int m = 0; m < NR; ++m) store8(y + m * y_stride + 8 * h, acc[m]);
+  }
+}
+
+// The int8 tile on AVX2. q + 128 times a8 would saturate vpmaddubsw's int16 pairs, so the
+// weights are made signed again (q in -127..127, never -128: W8A8Weight clamps) and a8's
+// sign moves onto them: |a8| * (q * sign(a8)), pairs at most 2 * 127 * 127 = 32258, widened
+// to int32 at once. The sum is t of the VNNI loop (whose + 128 its correction takes off).
+template <typename T, int NR>
+inline void tile_rows8_avx2(const uint8_t* w, const float* dw, int64_t G, const int8_t* xq,
+                            const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
+                            const char* ns) {
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[NR];
+    for (int m = 0; m < NR; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wg = w + g * WB8 + 32 * h;
+      if (h == 0) prefetch_group<WB8>(nw, ns, g);
+      __m256i t[NR];
+      for (int m = 0; m < NR; ++m) t[m] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i q = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c)), flip);
+        for (int m = 0; m < NR; ++m) {
+          const __m256i a = _mm256_set1_epi32(quad(xq + m * K + g * GS + 4 * c));
+          const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(q, a));
+          t[m] = _mm256_add_epi32(t[m], _mm256_madd_epi16(pr, ones));
+        }
+      }
+      const __m256 d = _mm256_loadu_ps(dw + g * TN + 8 * h);
+      for (int m = 0; m < NR; ++m) {
+        const __m256 f = _mm256_cvtepi32_ps(t[m]);
+        acc[m] = _mm256_fmadd_ps(f, _mm256_mul_ps(d, _mm256_set1_ps(act[m * G + g].d)), acc[m]);
+      }
+    }
+    for (int m = 0; m < NR; ++m) store8(y + m * y_stride + 8 * h, acc[m]);
+  }
+}
+#endif
+
 // One tile (16 output rows) for NR activation rows: y[m][0:16] = x_m . W_tile. Per group the
 // weights are unpacked once for all NR rows; each row then costs 8 vpdpbusd (in two chains)
 // and 3 float operations, its broadcasts folded into memory operands.
@@ -193,6 +300,8 @@ inline void tile_rows(const uint8_t* w, const uint16_t* sz, int64_t G, const int
     _mm512_store_ps(out, acc[m]);
     for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, out[r]);
   }
+#elif TM_W4A8_AVX2
+  tile_rows_avx2<T, NR>(w, sz, G, xq, act, K, y, y_stride, nw, ns);
 #else
   float acc[NR][TN] = {};
   for (int64_t g = 0; g < G; ++g) {
@@ -252,6 +361,8 @@ inline void tile_rows8(const uint8_t* w, const float* dw, int64_t G, const int8_
     _mm512_store_ps(out, acc[m]);
     for (int64_t r = 0; r < TN; ++r) from_float(y + m * y_stride + r, out[r]);
   }
+#elif TM_W4A8_AVX2
+  tile_rows8_avx2<T, NR>(w, dw, G, xq, act, K, y, y_stride, nw, ns);
 #else
   float acc[NR][TN] = {};
   for (int64_t g = 0; g < G; ++g) {
@@ -513,6 +624,14 @@ int tm_w4a8_vnni() {
 }
 
 // 1 when the AMX tile path was compiled in and the OS grants the tiles, else 0.
+int tm_w4a8_avx2() {
+#if TM_W4A8_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int tm_w4a8_amx() {
 #if TM_W4A8_AMX
   return amx_permitted() ? 1 : 0;
