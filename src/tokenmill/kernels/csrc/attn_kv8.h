@@ -211,6 +211,39 @@ inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t 
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// pv_int8 on AVX2 (16 vector registers): one group of 32 dims (c) for GC <= 3 heads per
+// pass, 4 accumulators a head. Each key's V values are widened once per pass; the float
+// operations per output are pv_int8's, in key order: the same bits.
+template <int GC>
+[[gnu::always_inline]]
+inline void pv_int8_avx2(const Item<int8_t>& it, int64_t bs, int64_t DC, int64_t c,
+                         const float* w, int64_t stride, float* acc, Prefetch<int8_t>* pf) {
+  __m256 a[GC][4];
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < 4; ++j) a[g][j] = _mm256_setzero_ps();
+  for (int64_t p0 = it.start - it.start % kv8::SUB; p0 < it.end; p0 += kv8::SUB) {
+    if (pf && (p0 % bs == 0 || p0 <= it.start)) pf->step(true);
+    const int8_t* sb = it.vh + kv8::sub_offset(it.table, p0, bs, DC);
+    const float* vs = reinterpret_cast<const float*>(sb + kv8::SUB * DC) + kv8::SUB * c;
+    const int64_t lo = std::max(p0, it.start) - p0, hi = std::min(p0 + kv8::SUB, it.end) - p0;
+    for (int64_t u = lo; u < hi; ++u) {
+      const int8_t* vrow = sb + u * DC + kv8::GRP * c;
+      __m256 ws[GC];
+      for (int g = 0; g < GC; ++g)
+        ws[g] = _mm256_set1_ps(w[g * stride + (p0 + u - it.start)] * vs[u]);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vrow + 8 * j))));
+        for (int g = 0; g < GC; ++g) a[g][j] = _mm256_fmadd_ps(ws[g], v, a[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(acc + g * DC + kv8::GRP * c + 8 * j, a[g][j]);
+}
+#endif
+
 template <int64_t DC>
 [[gnu::always_inline]]
 inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int64_t G,
@@ -230,6 +263,21 @@ inline void weighted_sum_int8(const Item<int8_t>& it, int64_t bs, int64_t D, int
         default: pv_int8<DC, GMAX>(it, bs, wg, stride, ag, p);
       }
     }
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (DC > 0) {
+    for (int64_t c = 0; c < DC / kv8::GRP; ++c)
+      for (int64_t g = 0; g < G; g += 3) {
+        Prefetch<int8_t>* p = c == 0 && g == 0 ? &pf : nullptr;  // the next item's V
+        const float* wg = w + g * stride;
+        float* ag = acc + g * DC;
+        switch (std::min<int64_t>(3, G - g)) {
+          case 1: pv_int8_avx2<1>(it, bs, DC, c, wg, stride, ag, p); break;
+          case 2: pv_int8_avx2<2>(it, bs, DC, c, wg, stride, ag, p); break;
+          default: pv_int8_avx2<3>(it, bs, DC, c, wg, stride, ag, p);
+        }
+      }
     return;
   }
 #endif
