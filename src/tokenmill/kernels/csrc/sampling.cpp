@@ -2,7 +2,7 @@
 #include <omp.h>
 
 #include "tm_kernels.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -46,6 +46,32 @@ int64_t argmax_row(const T* x, int64_t n) {
       best_i = _mm512_mask_reduce_min_epi32(at, vidx);
     } else {
       i = 0;  // nothing above -inf so far: the plain loop below finds the first -inf
+    }
+  }
+#elif defined(__AVX2__)
+  // The same with 8 lanes (blends for the masked moves).
+  if (n >= 8) {
+    __m256 vbest = _mm256_set1_ps(-INFINITY);
+    __m256i vidx = _mm256_setzero_si256(), cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i step = _mm256_set1_epi32(8);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = tmk::load8(x + i);
+      const __m256 gt = _mm256_cmp_ps(v, vbest, _CMP_GT_OQ);
+      vbest = _mm256_blendv_ps(vbest, v, gt);
+      vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
+      cur = _mm256_add_epi32(cur, step);
+    }
+    alignas(32) float bv[8];
+    alignas(32) int32_t bi[8];
+    _mm256_store_ps(bv, vbest);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bi), vidx);
+    for (int l = 0; l < 8; ++l) best = bv[l] > best ? bv[l] : best;
+    if (best > -INFINITY) {
+      best_i = n;
+      for (int l = 0; l < 8; ++l)
+        if (bv[l] == best && bi[l] < best_i) best_i = bi[l];
+    } else {
+      i = 0;
     }
   }
 #endif

@@ -56,7 +56,7 @@ constexpr int64_t WB = TN * GS / 2;  // packed int4 weight bytes per tile and gr
 constexpr int64_t WB8 = TN * GS;     // packed int8 weight bytes per tile and group
 // Activation rows per pass over a tile's weights: AVX2 has 16 vector registers, not 32.
 #if TM_W4A8_AVX2
-constexpr int64_t MB = 4;
+constexpr int64_t MB = 2;
 #else
 constexpr int64_t MB = 8;
 #endif
@@ -188,27 +188,32 @@ inline void tile_rows_avx2(const uint8_t* w, const uint16_t* sz, int64_t G, cons
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i top = _mm256_set1_epi32(int32_t(0xFFFF0000u));
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[NR];
-    for (int m = 0; m < NR; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = w + g * WB + 32 * h;
-      if (h == 0) prefetch_group<WB>(nw, ns, g);
-      __m256i p[NR];
-      for (int m = 0; m < NR; ++m) p[m] = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j));
-        const __m256i lo = _mm256_and_si256(v, nib);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-        for (int m = 0; m < NR; ++m) {
-          const int8_t* a = xq + m * K + g * GS;
-          p[m] = _mm256_add_epi16(p[m],
-                                  _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(a + 4 * j))));
-          p[m] = _mm256_add_epi16(
-              p[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(a + 16 + 4 * j))));
-          pin(p[m]);
-        }
+  __m256 acc[NR][2];
+  for (int m = 0; m < NR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB;
+    prefetch_group<WB>(nw, ns, g);
+    __m256i p[NR][2];
+    for (int m = 0; m < NR; ++m) p[m][0] = p[m][1] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j + 32));
+      const __m256i lo0 = _mm256_and_si256(v0, nib), lo1 = _mm256_and_si256(v1, nib);
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib);
+      for (int m = 0; m < NR; ++m) {
+        const int8_t* a = xq + m * K + g * GS;
+        const __m256i bl = _mm256_set1_epi32(quad(a + 4 * j));
+        const __m256i bh = _mm256_set1_epi32(quad(a + 16 + 4 * j));
+        p[m][0] = _mm256_add_epi16(p[m][0], _mm256_maddubs_epi16(lo0, bl));
+        p[m][1] = _mm256_add_epi16(p[m][1], _mm256_maddubs_epi16(lo1, bl));
+        p[m][0] = _mm256_add_epi16(p[m][0], _mm256_maddubs_epi16(hi0, bh));
+        p[m][1] = _mm256_add_epi16(p[m][1], _mm256_maddubs_epi16(hi1, bh));
+        pin(p[m][0]);
+        pin(p[m][1]);
       }
+    }
+    for (int h = 0; h < 2; ++h) {
       const __m256i sc =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + g * 2 * TN + 16 * h));
       const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(sc, 16));
@@ -216,13 +221,16 @@ inline void tile_rows_avx2(const uint8_t* w, const uint16_t* sz, int64_t G, cons
       for (int m = 0; m < NR; ++m) {
         const Act& pa = act[m * G + g];
         const __m256i t =
-            _mm256_add_epi32(_mm256_set1_epi32(pa.corr), _mm256_madd_epi16(p[m], ones));
+            _mm256_add_epi32(_mm256_set1_epi32(pa.corr), _mm256_madd_epi16(p[m][h], ones));
         const __m256 f = _mm256_cvtepi32_ps(t);
-        acc[m] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(pa.d)), acc[m]);
-        acc[m] = _mm256_fmadd_ps(z, _mm256_set1_ps(pa.dsum), acc[m]);
+        acc[m][h] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(pa.d)), acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(pa.dsum), acc[m][h]);
       }
     }
-    for (int m = 0; m < NR; ++m) store8(y + m * y_stride + 8 * h, acc[m]);
+  }
+  for (int m = 0; m < NR; ++m) {
+    store8(y + m * y_stride, acc[m][0]);
+    store8(y + m * y_stride + 8, acc[m][1]);
   }
 }
 
