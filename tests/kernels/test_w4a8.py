@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from tokenmill.kernels.cpu import FLAGS, CpuKernels, build, cpu_kernels
+from tokenmill.layers import kv_int8
+from tokenmill.layers.attention import TorchPagedAttention
 from tokenmill.layers.quant import (
     GROUP_SIZE,
     ResidualWeight,
@@ -173,6 +175,34 @@ def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool)
                                other.w4a8_matmul(x, q4.packed, q4.scales)), (dtype, m)
             assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
                                other.w8a8_matmul(x, q8.packed, q8.scales)), (dtype, m)
+    _other_build_kernels_agree(native, other, gen)
+
+
+def _other_build_kernels_agree(native: CpuKernels, other: CpuKernels,
+                               gen: torch.Generator) -> None:
+    """The kernels a decode step also runs, in the other build: its argmax is torch's (ties to
+    the lowest id, a tail past the vectors), SiLU and int8-cache attention agree with the
+    native build to float rounding (their loops vectorize differently)."""
+    logits = torch.randn(5, 1003, generator=gen)
+    logits[2, 500:] = logits[2].max()  # ties: the first index wins
+    assert torch.equal(other.argmax(logits), logits.argmax(-1))
+    gu = 4 * torch.randn(6, 2 * 200, generator=gen)
+    torch.testing.assert_close(other.silu_mul(gu), native.silu_mul(gu), rtol=1e-6, atol=1e-6)
+    hq, hk, d, bs = 9, 3, 64, 16
+    qlens, ctxs = [1, 1, 5], [70, 9, 40]  # two decodes and a prefill chunk
+    tables = [[0, 1, 2, 3, 4], [5], [6, 7, 8]]
+    meta = TorchPagedAttention().build_metadata(qlens, ctxs, tables, bs, None,
+                                                torch.device("cpu"))
+    rows = meta.rows
+    assert rows is not None
+    cache = torch.zeros(2, hk, 9, kv_int8.block_bytes(bs, d), dtype=torch.int8)
+    slots = torch.arange(9 * bs)
+    kv_int8.write(cache, torch.randn(len(slots), hk, d, generator=gen),
+                  torch.randn(len(slots), hk, d, generator=gen), slots)
+    q = torch.randn(sum(qlens), hq, d, generator=gen)
+    outs = [k.paged_decode(q, cache, rows.tables, rows.bounds, rows.max_keys, d ** -0.5,
+                           rows.seq) for k in (native, other)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
