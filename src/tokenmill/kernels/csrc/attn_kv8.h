@@ -211,7 +211,7 @@ inline void pv_int8(const Item<int8_t>& it, int64_t bs, const float* w, int64_t 
 #endif
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__) && !(defined(__AVX512F__) && defined(__AVX512BW__))
 // pv_int8 on AVX2 (16 vector registers): one group of 32 dims (c) for GC <= 3 heads per
 // pass, 4 accumulators a head. Each key's V values are widened once per pass; the float
 // operations per output are pv_int8's, in key order: the same bits.

@@ -175,12 +175,12 @@ inline void store8(T* y, __m256 v) {
   for (int r = 0; r < 8; ++r) from_float(y + r, out[r]);
 }
 
-// The int4 tile on AVX2, one half (8 output rows: the low or high 32 bytes of the packed
-// vectors) after the other. Per group and row, 8 vpmaddubsw (unsigned q times signed a8,
-// adjacent pairs summed to int16) add up in int16: at most 8 * 2 * 15 * 127 = 30480, so
-// nothing saturates or wraps; one vpmaddwd then gives each output row's int32 sum over the
-// group. That is the integer t of the VNNI loop, followed by its float operations: the same
-// bits.
+// The int4 tile on AVX2: a vector holds 8 output rows (the low or the high 32 bytes of the
+// packed vectors), and both halves share each activation broadcast. Per group, row and half,
+// 8 vpmaddubsw (unsigned q times signed a8, adjacent pairs summed to int16) add up in int16:
+// at most 8 * 2 * 15 * 127 = 30480, so nothing saturates or wraps; one vpmaddwd then gives
+// each output row's int32 sum over the group. That is the integer t of the VNNI loop,
+// followed by its float operations: the same bits. 2 rows a pass (MB) fill the 16 registers.
 template <typename T, int NR>
 inline void tile_rows_avx2(const uint8_t* w, const uint16_t* sz, int64_t G, const int8_t* xq,
                            const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
@@ -238,37 +238,48 @@ inline void tile_rows_avx2(const uint8_t* w, const uint16_t* sz, int64_t G, cons
 // weights are made signed again (q in -127..127, never -128: W8A8Weight clamps) and a8's
 // sign moves onto them: |a8| * (q * sign(a8)), pairs at most 2 * 127 * 127 = 32258, widened
 // to int32 at once. The sum is t of the VNNI loop (whose + 128 its correction takes off).
+// Both 8-row halves share each broadcast and its |a8|.
 template <typename T, int NR>
 inline void tile_rows8_avx2(const uint8_t* w, const float* dw, int64_t G, const int8_t* xq,
                             const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
                             const char* ns) {
   const __m256i flip = _mm256_set1_epi8(char(0x80));
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[NR];
-    for (int m = 0; m < NR; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = w + g * WB8 + 32 * h;
-      if (h == 0) prefetch_group<WB8>(nw, ns, g);
-      __m256i t[NR];
-      for (int m = 0; m < NR; ++m) t[m] = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) {
-        const __m256i q = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c)), flip);
-        for (int m = 0; m < NR; ++m) {
-          const __m256i a = _mm256_set1_epi32(quad(xq + m * K + g * GS + 4 * c));
-          const __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(q, a));
-          t[m] = _mm256_add_epi32(t[m], _mm256_madd_epi16(pr, ones));
-          pin(t[m]);
-        }
-      }
-      const __m256 d = _mm256_loadu_ps(dw + g * TN + 8 * h);
+  __m256 acc[NR][2];
+  for (int m = 0; m < NR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * WB8;
+    prefetch_group<WB8>(nw, ns, g);
+    __m256i t[NR][2];
+    for (int m = 0; m < NR; ++m) t[m][0] = t[m][1] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i q0 = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c)), flip);
+      const __m256i q1 = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c + 32)), flip);
       for (int m = 0; m < NR; ++m) {
-        const __m256 f = _mm256_cvtepi32_ps(t[m]);
-        acc[m] = _mm256_fmadd_ps(f, _mm256_mul_ps(d, _mm256_set1_ps(act[m * G + g].d)), acc[m]);
+        const __m256i a = _mm256_set1_epi32(quad(xq + m * K + g * GS + 4 * c));
+        const __m256i aa = _mm256_abs_epi8(a);
+        t[m][0] = _mm256_add_epi32(
+            t[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(aa, _mm256_sign_epi8(q0, a)), ones));
+        t[m][1] = _mm256_add_epi32(
+            t[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(aa, _mm256_sign_epi8(q1, a)), ones));
+        pin(t[m][0]);
+        pin(t[m][1]);
       }
     }
-    for (int m = 0; m < NR; ++m) store8(y + m * y_stride + 8 * h, acc[m]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_loadu_ps(dw + g * TN + 8 * h);
+      for (int m = 0; m < NR; ++m) {
+        const __m256 f = _mm256_cvtepi32_ps(t[m][h]);
+        acc[m][h] =
+            _mm256_fmadd_ps(f, _mm256_mul_ps(d, _mm256_set1_ps(act[m * G + g].d)), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < NR; ++m) {
+    store8(y + m * y_stride, acc[m][0]);
+    store8(y + m * y_stride + 8, acc[m][1]);
   }
 }
 #endif
