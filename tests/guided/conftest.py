@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def llm():
-    """The default model in float32 (what the constrained-generation tests decode with)."""
+    """The default model as served (the defaults: w4a8 where the CPU has a vector kernel)."""
     from tokenmill.llm import LLM
 
-    return LLM(dtype="float32", device="cpu", max_batch_total_tokens=16384)
+    return LLM(device="cpu", max_batch_total_tokens=16384)

@@ -104,7 +104,7 @@ def test_preempted_constrained_requests_match_roomy_run(llm) -> None:
     params = [SamplingParams(max_new_tokens=48, temperature=0.0 if i % 2 else 0.9, seed=i,
                              grammar=js(schema)) for i, (_, schema) in enumerate(SCHEMAS[:8])]
     expected = [o.token_ids for o in llm.generate(prompts, params)]
-    tight = LLM(dtype="float32", device="cpu", max_batch_total_tokens=128, block_size=16)
+    tight = LLM(device="cpu", max_batch_total_tokens=128, block_size=16)
     got = [o.token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == expected

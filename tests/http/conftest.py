@@ -16,10 +16,11 @@ def server():
 
 @pytest.fixture(scope="session")
 def offline():
-    """The same model in-process: what HTTP results must equal (greedy, float32)."""
+    """The same model in-process, as the server runs it (the defaults: the GGUF's weights as
+    w4a8 where the CPU has a vector kernel): what HTTP results must equal."""
     from tokenmill.llm import LLM
 
-    return LLM(dtype="float32", device="cpu", max_batch_total_tokens=16384)
+    return LLM(device="cpu", max_batch_total_tokens=16384)
 
 
 @pytest.fixture(scope="session")

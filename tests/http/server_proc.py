@@ -26,7 +26,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="tokenmill-serve-", suffix=".log")[1])
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--hostname", "127.0.0.1",
-               "--port", str(self.port), "--dtype", "float32",
+               "--port", str(self.port),
                "--max-batch-total-tokens", "16384", *args]
         self._logf = self.log.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT,

@@ -30,7 +30,7 @@ def lora_setup(tmp_path_factory):
             if out.finished:
                 expected[None if out.request_id == "None" else "tiny"] = out.text
     del offline
-    s = ServerProcess("--max-batch-total-tokens", "2048", "--lora-adapters", f"tiny={adapter}")
+    s = ServerProcess("--dtype", "float32", "--max-batch-total-tokens", "2048", "--lora-adapters", f"tiny={adapter}")
     try:
         yield s.wait_ready(), expected
     finally:

@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
             if out.finished:
                 expected[None if out.request_id == "None" else out.request_id] = out.text
     del offline
-    s = ServerProcess("--lora-dynamic-dir", str(root), "--api-key", "k3y",
+    s = ServerProcess("--dtype", "float32", "--lora-dynamic-dir", str(root), "--api-key", "k3y",
                       "--max-active-adapters", "2", "--max-batch-total-tokens", "8192",
                       "--max-concurrent-requests", "64", "--max-batch-size", "64")
     try:

@@ -21,7 +21,7 @@ SEEDS = [1, 2]
 def llm():
     from tokenmill import LLM
 
-    return LLM(dtype="float32", device="cpu", max_batch_total_tokens=16384)
+    return LLM(device="cpu", max_batch_total_tokens=16384)
 
 
 def chat_ids(llm, text: str) -> list[int]:
