@@ -75,7 +75,13 @@ def test_the_default_model_runs_w4a8_unless_told_not_to() -> None:
     quant = {n: type(m.quant) for n, m in lm.model.named_modules() if isinstance(m, Linear)}
     assert quant.pop("lm_head") is W8A8Weight  # the tied Q8_0 embedding, int8 as in the GGUF
     assert quant and set(quant.values()) == {W4A8Weight}
+    # The w4a8 layers never read a plain weight: none is kept; the tied head's is the embedding.
+    kept = {n: m.weight.shape[0] for n, m in lm.model.named_modules() if isinstance(m, Linear)}
+    assert kept.pop("lm_head") == 49152 and set(kept.values()) == {0}
     assert load_model(ModelConfig(dtype="float32")).quantize is None
     plain = load_model(ModelConfig(dtype="bfloat16", quantize="none"))
     assert plain.quantize is None
-    assert all(m.quant is None for m in plain.model.modules() if isinstance(m, Linear))
+    linears = [m for m in plain.model.modules() if isinstance(m, Linear)]
+    assert all(m.quant is None for m in linears)
+    if torch.backends.mkldnn.is_available():  # dense: every weight in oneDNN's layout
+        assert all(m.packed is not None for m in linears)

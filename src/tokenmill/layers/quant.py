@@ -53,6 +53,10 @@ class QuantWeight(abc.ABC):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W^T [M, N] with the dequantized W (x in the activation dtype)."""
 
+    def dequantize(self) -> torch.Tensor:
+        """The dequantized weight [N, K] float32, where the layout can be read back."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no readable weight")
+
 
 def int4_groups(weight: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,6 +165,17 @@ class W4A8Weight(NativeQuantWeight):
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.w4a8_matmul(x, self.packed, self.scales)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] float32 from the packed layout: `pack` undone, then
+        (q - 8) * s + z, the reference `quantize` returned."""
+        t, g, _ = self.packed.shape
+        p = self.packed.view(t, g, 4, W4A8_TILE, 4)  # tile, group, j, r, i
+        v = torch.stack([p & 0x0F, p >> 4], -1)  # tile, group, j, r, i, half
+        q = v.permute(0, 3, 1, 5, 2, 4).reshape(self.out_features, self.in_features).float()
+        sz = self.scales.permute(0, 2, 1, 3).reshape(self.out_features, g, 1, 2).float()
+        w = (q.view(self.out_features, g, GROUP_SIZE) - 8) * sz[..., 0] + sz[..., 1]
+        return w.view(self.out_features, self.in_features)
+
 
 class W8A8Weight(NativeQuantWeight):
     """int8 weights, symmetric per group of 32 (w = d·q, q in -127..127, d float32: GGUF's
@@ -199,6 +214,14 @@ class W8A8Weight(NativeQuantWeight):
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.w8a8_matmul(x, self.packed, self.scales)
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] float32: `pack` undone, then q * d."""
+        t, g, _ = self.packed.shape
+        v = self.packed.view(t, g, 8, W4A8_TILE, 4).permute(0, 3, 1, 2, 4)  # t, r, g, c, i
+        q = v.reshape(self.out_features, g, GROUP_SIZE).float() - 128
+        d = self.scales.permute(0, 2, 1).reshape(self.out_features, g, 1)
+        return (q * d).view(self.out_features, self.in_features)
+
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The w4a8 kernel's activation rounding in torch (for tests and references): x [M, K] ->
@@ -236,6 +259,9 @@ class ResidualWeight(QuantWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self.main.matmul(x).add_(self.rest.matmul(x))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.main.dequantize() + self.rest.dequantize()
 
 
 def quantize_model(model: torch.nn.Module, method: str, dtype: torch.dtype) -> int:

@@ -4,6 +4,8 @@ size and allocate the KV cache, and hand back a ready ModelRunner (or a whole En
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -22,6 +24,7 @@ from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import FLOAT8, FLOAT8_CACHES, get_attention_backend
+from tokenmill.layers.linear import prepare_cpu_weights
 from tokenmill.layers.quant import quantize_model
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
 from tokenmill.lora.adapter import adapter_location, parse_adapter_specs
@@ -170,11 +173,26 @@ def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
                         "linear layers", source.path.name, str(dtype).removeprefix("torch."), n)
         else:
             logger.info("%s weight-only quantization: %d linear layers", quantize, n)
+    if device.type == "cpu":
+        packed, dropped = prepare_cpu_weights(model)
+        logger.info("CPU linear layers: %d weights in oneDNN's layout, %d plain copies dropped",
+                    packed, dropped)
+        release_free_memory()
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
                 type(model).__name__, device, str(dtype).removeprefix("torch."),
                 time.perf_counter() - t0)
     return LoadedModel(source, hf_config, source.generation_config(), model, device, dtype,
                        quantize)
+
+
+def release_free_memory() -> None:
+    """Hands the heap's free pages back to the OS (glibc's `malloc_trim`): what loading freed
+    (the dequantized copies, the plain weights `prepare_cpu_weights` dropped) otherwise stays
+    in the process's resident memory, glibc having raised its mmap threshold past tensor
+    sizes (the default SmolLM2 server: 867 -> 664 MB). Nothing elsewhere."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @torch.no_grad()

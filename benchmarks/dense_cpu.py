@@ -1,0 +1,94 @@
+"""Dense CPU matmuls on SmolLM2-135M's shapes: `F.linear` on the plain weight against oneDNN
+with the weight reordered once into its blocked layout (`Linear.packed`, what
+`layers.linear.prepare_cpu_weights` does at load), in one process, bfloat16 and float32, µs per
+call (best of several rounds over 30 layers' weights, so they stream from memory as in a
+decode step) and the ratio; then whole decode steps through `LLM` (tokens/s at 1 and 16
+sequences), packed against plain.
+
+    .venv/bin/python benchmarks/dense_cpu.py [--rounds 5] [--skip-llm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
+          "lm_head": (49152, 576)}
+
+
+def per_call(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> float:
+    for w in weights:
+        fn(x, w)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for w in weights:
+            fn(x, w)
+        best = min(best, (time.perf_counter() - t) / len(weights))
+    return best
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def matmuls(rounds: int) -> None:
+    print("shape        dtype     rows   F.linear µs   packed µs   speed-up   same bits")
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, (n, k) in SHAPES.items():
+            layers = 2 if name == "lm_head" else 30
+            plain = [torch.randn(n, k).to(dtype) for _ in range(layers)]
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in plain]
+            for m in (1, 4, 16, 64):
+                x = torch.randn(m, k).to(dtype)
+                a = per_call(F.linear, plain, x, rounds)
+                b = per_call(packed_linear, packed, x, rounds)
+                same = torch.equal(F.linear(x, plain[0]), packed_linear(x, packed[0]))
+                print(f"{name:12s} {str(dtype)[6:]:9s} {m:4d} {a * 1e6:13.0f} {b * 1e6:11.0f}"
+                      f" {a / b:9.2f}x   {same}", flush=True)
+
+
+def decode(dtype: str) -> None:
+    import tokenmill.runner.loading as loading
+    from tokenmill import LLM
+    from tokenmill.protocol import SamplingParams
+
+    real = loading.prepare_cpu_weights
+    try:
+        for label, pack in (("packed", real), ("plain", lambda model: (0, 0))):
+            loading.prepare_cpu_weights = pack  # type: ignore[assignment]  # what load_model calls
+            llm = LLM(dtype=dtype, quantize="none", device="cpu", max_batch_total_tokens=8192)
+            ids = llm.tokenizer.encode("Write a short story about a lighthouse keeper.")
+            for n in (1, 16):
+                params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+                llm.generate([ids] * n, SamplingParams(max_new_tokens=4, ignore_eos=True))
+                t = time.perf_counter()
+                llm.generate([ids] * n, params)
+                print(f"decode {dtype:8s} {label:6s} {n:2d} sequences: "
+                      f"{n * 64 / (time.perf_counter() - t):7.1f} tokens/s", flush=True)
+            del llm
+    finally:
+        loading.prepare_cpu_weights = real
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--skip-llm", action="store_true", help="the matmuls only")
+    a = ap.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} threads")
+    matmuls(a.rounds)
+    if not a.skip_llm:
+        for dtype in ("bfloat16", "float32"):
+            decode(dtype)
+
+
+if __name__ == "__main__":
+    main()
