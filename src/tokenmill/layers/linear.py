@@ -118,9 +118,9 @@ def prepare_cpu_weights(model: nn.Module) -> tuple[int, int]:
 
     - where the dense matmul may read it, reordered once into oneDNN's blocked layout
       (`packed`): `F.linear` reorders or reads a plain weight at every call; reordered,
-      SmolLM2's decode matmuls run 1.3-2x faster in bfloat16 (the same bits: the same oneDNN
-      kernel) and 1.7-3.4x in float32 (oneDNN instead of MKL's sgemm: another summation
-      order, float32 rounding apart); benchmarks/dense_cpu.py;
+      SmolLM2's matmuls of 1-64 rows run 1.1-2x faster in bfloat16 (the same bits: the same
+      oneDNN kernel) and 1.1-4x in float32 (oneDNN instead of MKL's sgemm: another summation
+      order, float32 rounding apart), decode steps 1.35-1.8x; benchmarks/dense_cpu.py;
     - where a quantized matmul serves every row count (w4a8), never read: dropped (an 8B
       model's would be ~14 GB of bfloat16 next to its 4-bit weights).
 
