@@ -181,8 +181,8 @@ def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool)
 def _other_build_kernels_agree(native: CpuKernels, other: CpuKernels,
                                gen: torch.Generator) -> None:
     """The kernels a decode step also runs, in the other build: its argmax is torch's (ties to
-    the lowest id, a tail past the vectors), SiLU and int8-cache attention agree with the
-    native build to float rounding (their loops vectorize differently)."""
+    the lowest id, a tail past the vectors), SiLU and attention over the int8 and float32 caches
+    agree with the native build to float rounding (their loops vectorize differently)."""
     logits = torch.randn(5, 1003, generator=gen)
     logits[2, 500:] = logits[2].max()  # ties: the first index wins
     assert torch.equal(other.argmax(logits), logits.argmax(-1))
@@ -201,6 +201,12 @@ def _other_build_kernels_agree(native: CpuKernels, other: CpuKernels,
                   torch.randn(len(slots), hk, d, generator=gen), slots)
     q = torch.randn(sum(qlens), hq, d, generator=gen)
     outs = [k.paged_decode(q, cache, rows.tables, rows.bounds, rows.max_keys, d ** -0.5,
+                           rows.seq) for k in (native, other)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    # the float32 cache (its 16-key score blocks: AVX-512, AVX2 halves, or the scalar dots),
+    # partial blocks at both ends of the prefill chunk's keys
+    fcache = torch.randn(2, hk, 9, bs, d, generator=gen)
+    outs = [k.paged_decode(q, fcache, rows.tables, rows.bounds, rows.max_keys, d ** -0.5,
                            rows.seq) for k in (native, other)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 

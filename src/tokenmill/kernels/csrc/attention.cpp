@@ -7,7 +7,7 @@
 #include "attn_rows.h"
 #include "kv8.h"
 #include "tm_kernels.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -118,6 +118,60 @@ inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, 
 #endif
 
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Scores of one float32 query row q (already scaled) against rows j_lo..j_hi-1 of a 16-key
+// block of float32 keys (row stride DC): each key's products summed in lanes (a chain of FMAs
+// over the row's vectors), then the keys' lanes reduced together (tmk::reduce16, or
+// reduce8 below) instead of one horizontal sum per key, which was most of dot_row's time. A
+// key's operations do not depend on the other keys or on the batch.
+#if !defined(__AVX512F__)
+inline __m256 reduce8(const __m256 (&v)[8]) {  // lane j: the sum of v[j]'s lanes
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                       _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+#endif
+
+template <int64_t DC>
+[[gnu::always_inline]]
+inline void qk_block_f32(const float* q, const float* kb, int64_t j_lo, int64_t j_hi,
+                         float* out) {
+#if defined(__AVX512F__)
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < DC; c += 16) {
+    const __m512 qc = _mm512_loadu_ps(q + c);
+    for (int j = 0; j < 16; ++j)
+      if (j >= j_lo && j < j_hi) acc[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kb + j * DC + c), acc[j]);
+  }
+  const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
+  _mm512_mask_storeu_ps(out, keep, tmk::reduce16(acc, tmk::vadd));
+#else
+  for (int half = 0; half < 2; ++half) {
+    const int64_t lo = std::max<int64_t>(j_lo - 8 * half, 0), hi = std::min<int64_t>(j_hi - 8 * half, 8);
+    if (lo >= hi) continue;
+    const float* kh = kb + 8 * half * DC;
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < DC; c += 8) {
+      const __m256 qc = _mm256_loadu_ps(q + c);
+      for (int j = 0; j < 8; ++j)
+        if (j >= lo && j < hi) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kh + j * DC + c), acc[j]);
+    }
+    alignas(32) float s[8];
+    _mm256_store_ps(s, reduce8(acc));
+    for (int64_t j = lo; j < hi; ++j) out[8 * half + j] = s[j];
+  }
+#endif
+}
+#endif
+
 // q . k over n dims (k of the cache's type). Not inlined, on purpose: inlined into
 // paged_decode's loops, GCC compiled this sum in several versions (loop versioning around the
 // prefetch's progress), and which version ran depended on the next work item, so a float32
@@ -163,6 +217,21 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(q + g * D, d) * scale;
   }
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // float32 keys with a head dim that fills whole vectors and 16-key blocks: 16 at a time
+  if constexpr (std::is_same_v<T, float> && DC > 0 && DC % 16 == 0) {
+    if (bs == 16) {
+      for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+        pf.step(false);
+        const float* kb = it.kh + it.table[p0 / bs] * bs * D;
+        for (int64_t g = 0; g < G; ++g)
+          qk_block_f32<DC>(qf + g * D, kb, std::max(p0, start) - p0,
+                           std::min(p0 + bs, end) - p0, sc + g * stride + (p0 - start));
+      }
+      return;
+    }
+  }
+#endif
   // keys block by block: one table lookup (and division) per block, not per key
   for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
     pf.step(false);
