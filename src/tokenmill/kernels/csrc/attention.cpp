@@ -64,27 +64,29 @@ inline void qk_block_bf16(const uint16_t* q, const uint16_t* kb, int64_t j_lo, i
   _mm512_mask_storeu_ps(out, keep, sum16(v));
 }
 
+#endif  // __AVX512BF16__
+
+#if defined(__AVX512F__)
 // acc[g][0:DC] = sum over keys p in [start, end) of w[g][p - start] * V[p] for GC query heads
-// (w rows `stride` apart), V bfloat16 rows of the paged cache (block size bs). Each V row is
-// widened once and feeds all GC heads from registers; the generic loop widened it per head
-// and kept the sums in memory (~2x the operations). FMA: one rounding per term.
-template <int64_t DC, int GC, typename PF>
+// (w rows `stride` apart), V rows of the paged cache (block size bs) in bfloat16 or float32
+// (E). Each V row is loaded (widened) once and feeds all GC heads from registers; the generic
+// loop loaded it per head and kept the sums in memory (~2x the operations). FMA: one
+// rounding per term.
+template <int64_t DC, int GC, typename E, typename PF>
 [[gnu::always_inline]]
-inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
-                    int64_t end, const float* w, int64_t stride, float* acc, PF* pf) {
+inline void pv_vec(const E* vh, const int64_t* table, int64_t bs, int64_t start, int64_t end,
+                   const float* w, int64_t stride, float* acc, PF* pf) {
   constexpr int NV = DC / 16;
   __m512 a[GC][NV];
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < NV; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
     if (pf) pf->step(true);
-    const uint16_t* vb = vh + table[p0 / bs] * bs * DC;
+    const E* vb = vh + table[p0 / bs] * bs * DC;
     for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
-      const uint16_t* vrow = vb + (p - p0) * DC;
+      const E* vrow = vb + (p - p0) * DC;
       __m512 v[NV];
-      for (int c = 0; c < NV; ++c)
-        v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vrow + 16 * c))), 16));
+      for (int c = 0; c < NV; ++c) v[c] = tmk::load16(vrow + 16 * c);
       for (int g = 0; g < GC; ++g) {
         const __m512 wg = _mm512_set1_ps(w[g * stride + (p - start)]);
         for (int c = 0; c < NV; ++c) a[g][c] = _mm512_fmadd_ps(wg, v[c], a[g][c]);
@@ -95,23 +97,67 @@ inline void pv_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * DC + 16 * c, a[g][c]);
 }
 
-// pv_bf16 over G heads, up to 4 at a time for head dim 64 and 2 for 128 (the sums then fill
-// 16 registers next to the widened V row).
-template <int64_t DC, typename PF>
+// pv_vec over G heads, up to 4 at a time for head dim 64 and 2 for 128 (the sums then fill
+// 16 registers next to the V row).
+template <int64_t DC, typename E, typename PF>
 [[gnu::always_inline]]
-inline void pv_heads_bf16(const uint16_t* vh, const int64_t* table, int64_t bs, int64_t start,
-                          int64_t end, const float* w, int64_t stride, int64_t G, float* acc,
-                          PF& pf) {
+inline void pv_heads(const E* vh, const int64_t* table, int64_t bs, int64_t start, int64_t end,
+                     const float* w, int64_t stride, int64_t G, float* acc, PF& pf) {
   constexpr int64_t GMAX = DC <= 64 ? 4 : 2;
   for (int64_t g = 0; g < G; g += GMAX) {
     const float* wg = w + g * stride;
     float* ag = acc + g * DC;
     PF* p = g == 0 ? &pf : nullptr;  // the next item's V during the first pass
     switch (std::min(GMAX, G - g)) {
-      case 1: pv_bf16<DC, 1>(vh, table, bs, start, end, wg, stride, ag, p); break;
-      case 2: pv_bf16<DC, 2>(vh, table, bs, start, end, wg, stride, ag, p); break;
-      case 3: pv_bf16<DC, (GMAX >= 3 ? 3 : 1)>(vh, table, bs, start, end, wg, stride, ag, p); break;
-      default: pv_bf16<DC, GMAX>(vh, table, bs, start, end, wg, stride, ag, p);
+      case 1: pv_vec<DC, 1>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      case 2: pv_vec<DC, 2>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      case 3: pv_vec<DC, (GMAX >= 3 ? 3 : 1)>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      default: pv_vec<DC, GMAX>(vh, table, bs, start, end, wg, stride, ag, p);
+    }
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// The float32 weighted sum on AVX2 (16 registers): pv_vec's operations for up to 3 heads and
+// 32 of their dims at a time (12 sums, a V vector and the 3 weights), each V row read once
+// per 32 dims.
+template <int64_t DC, int GC, typename PF>
+[[gnu::always_inline]]
+inline void pv_avx2(const float* vh, const int64_t* table, int64_t bs, int64_t start,
+                    int64_t end, const float* w, int64_t stride, float* acc, PF* pf) {
+  for (int64_t d0 = 0; d0 < DC; d0 += 32) {
+    __m256 a[GC][4];
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < 4; ++c) a[g][c] = _mm256_setzero_ps();
+    for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
+      if (pf && d0 == 0) pf->step(true);
+      const float* vb = vh + table[p0 / bs] * bs * DC + d0;
+      for (int64_t p = std::max(p0, start); p < std::min(p0 + bs, end); ++p) {
+        __m256 wg[GC];
+        for (int g = 0; g < GC; ++g) wg[g] = _mm256_set1_ps(w[g * stride + (p - start)]);
+        for (int c = 0; c < 4; ++c) {
+          const __m256 v = _mm256_loadu_ps(vb + (p - p0) * DC + 8 * c);
+          for (int g = 0; g < GC; ++g) a[g][c] = _mm256_fmadd_ps(wg[g], v, a[g][c]);
+        }
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + g * DC + d0 + 8 * c, a[g][c]);
+  }
+}
+
+template <int64_t DC, typename PF>
+[[gnu::always_inline]]
+inline void pv_heads(const float* vh, const int64_t* table, int64_t bs, int64_t start,
+                     int64_t end, const float* w, int64_t stride, int64_t G, float* acc,
+                     PF& pf) {
+  for (int64_t g = 0; g < G; g += 3) {
+    const float* wg = w + g * stride;
+    float* ag = acc + g * DC;
+    PF* p = g == 0 ? &pf : nullptr;
+    switch (std::min<int64_t>(3, G - g)) {
+      case 1: pv_avx2<DC, 1>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      case 2: pv_avx2<DC, 2>(vh, table, bs, start, end, wg, stride, ag, p); break;
+      default: pv_avx2<DC, 3>(vh, table, bs, start, end, wg, stride, ag, p);
     }
   }
 }
@@ -273,8 +319,14 @@ inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, co
                          int64_t stride, float* acc, Prefetch<T>& pf) {
 #if defined(__AVX512BF16__)
   if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
-    pv_heads_bf16<DC>(reinterpret_cast<const uint16_t*>(it.vh), it.table, bs, it.start, it.end,
-                      w, stride, G, acc, pf);
+    pv_heads<DC>(reinterpret_cast<const uint16_t*>(it.vh), it.table, bs, it.start, it.end, w,
+                 stride, G, acc, pf);
+    return;
+  }
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if constexpr (std::is_same_v<T, float> && DC % 32 == 0 && DC > 0) {
+    pv_heads<DC>(it.vh, it.table, bs, it.start, it.end, w, stride, G, acc, pf);
     return;
   }
 #endif

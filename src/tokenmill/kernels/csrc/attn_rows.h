@@ -18,7 +18,7 @@ namespace tmk::attn {
 // every key and value they read, so one work item takes them together. Each row's scores and
 // softmax are its own, as alone; the weighted sum widens each V row to float once for the
 // block's RB x G query heads (alone, once for G: the widening was ~40% of that loop), then
-// performs per head exactly the operations of pv_int8 / pv_bf16 in key order, so a row gets
+// performs per head exactly the operations of pv_int8 / pv_vec in key order, so a row gets
 // the bits it gets alone. A head whose row ends earlier in the block meets zero weights for
 // the keys past its end: fma(0, v, acc) is acc (acc starts at +0 and never becomes -0).
 constexpr int64_t KC = 16;  // keys per chunk: an int8 sub-block, or a slice of a bf16 block
