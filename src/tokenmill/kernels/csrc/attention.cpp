@@ -317,7 +317,9 @@ template <typename T, int64_t DC>
 [[gnu::always_inline]]
 inline void weighted_sum(const Item<T>& it, int64_t bs, int64_t D, int64_t G, const float* w,
                          int64_t stride, float* acc, Prefetch<T>& pf) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // bfloat16 on any AVX-512 CPU (widened by a shift; only the scores' 16-key tiles need
+  // AVX512-BF16): the generic loop's FMAs in the same order, the sums in registers
   if constexpr (sizeof(T) == 2 && DC % 16 == 0 && DC > 0) {
     pv_heads<DC>(reinterpret_cast<const uint16_t*>(it.vh), it.table, bs, it.start, it.end, w,
                  stride, G, acc, pf);
