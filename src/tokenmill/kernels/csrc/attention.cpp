@@ -166,10 +166,10 @@ inline void pv_heads(const float* vh, const int64_t* table, int64_t bs, int64_t 
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 // Scores of one float32 query row q (already scaled) against rows j_lo..j_hi-1 of a 16-key
-// block of float32 keys (row stride DC): each key's products summed in lanes (a chain of FMAs
-// over the row's vectors), then the keys' lanes reduced together (tmk::reduce16, or
-// reduce8 below) instead of one horizontal sum per key, which was most of dot_row's time. A
-// key's operations do not depend on the other keys or on the batch.
+// block of float32 or bfloat16 keys E (row stride DC): each key's products summed in lanes
+// (a chain of FMAs over the row's vectors), then the keys' lanes reduced together
+// (tmk::reduce16, or reduce8 below) instead of one horizontal sum per key, which was most of
+// dot_row's time. A key's operations do not depend on the other keys or on the batch.
 #if !defined(__AVX512F__)
 inline __m256 reduce8(const __m256 (&v)[8]) {  // lane j: the sum of v[j]'s lanes
   __m256 t[4], u[2];
@@ -184,17 +184,16 @@ inline __m256 reduce8(const __m256 (&v)[8]) {  // lane j: the sum of v[j]'s lane
 }
 #endif
 
-template <int64_t DC>
+template <int64_t DC, typename E>
 [[gnu::always_inline]]
-inline void qk_block_f32(const float* q, const float* kb, int64_t j_lo, int64_t j_hi,
-                         float* out) {
+inline void qk_block_f32(const float* q, const E* kb, int64_t j_lo, int64_t j_hi, float* out) {
 #if defined(__AVX512F__)
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < DC; c += 16) {
     const __m512 qc = _mm512_loadu_ps(q + c);
     for (int j = 0; j < 16; ++j)
-      if (j >= j_lo && j < j_hi) acc[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kb + j * DC + c), acc[j]);
+      if (j >= j_lo && j < j_hi) acc[j] = _mm512_fmadd_ps(qc, tmk::load16(kb + j * DC + c), acc[j]);
   }
   const __mmask16 keep = __mmask16(((1u << j_hi) - 1u) & ~((1u << j_lo) - 1u));
   _mm512_mask_storeu_ps(out, keep, tmk::reduce16(acc, tmk::vadd));
@@ -202,13 +201,13 @@ inline void qk_block_f32(const float* q, const float* kb, int64_t j_lo, int64_t 
   for (int half = 0; half < 2; ++half) {
     const int64_t lo = std::max<int64_t>(j_lo - 8 * half, 0), hi = std::min<int64_t>(j_hi - 8 * half, 8);
     if (lo >= hi) continue;
-    const float* kh = kb + 8 * half * DC;
+    const E* kh = kb + 8 * half * DC;
     __m256 acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t c = 0; c < DC; c += 8) {
       const __m256 qc = _mm256_loadu_ps(q + c);
       for (int j = 0; j < 8; ++j)
-        if (j >= lo && j < hi) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kh + j * DC + c), acc[j]);
+        if (j >= lo && j < hi) acc[j] = _mm256_fmadd_ps(qc, tmk::load8(kh + j * DC + c), acc[j]);
     }
     alignas(32) float s[8];
     _mm256_store_ps(s, reduce8(acc));
@@ -264,12 +263,13 @@ inline void scores(const T* q, const Item<T>& it, int64_t bs, int64_t D, int64_t
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(q + g * D, d) * scale;
   }
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  // float32 keys with a head dim that fills whole vectors and 16-key blocks: 16 at a time
-  if constexpr (std::is_same_v<T, float> && DC > 0 && DC % 16 == 0) {
+  // float32 keys (or bfloat16 ones widened, without AVX512-BF16's tiles above) with a head
+  // dim that fills whole vectors and 16-key blocks: 16 at a time
+  if constexpr (DC > 0 && DC % 16 == 0) {
     if (bs == 16) {
       for (int64_t p0 = start - start % bs; p0 < end; p0 += bs) {
         pf.step(false);
-        const float* kb = it.kh + it.table[p0 / bs] * bs * D;
+        const T* kb = it.kh + it.table[p0 / bs] * bs * D;
         for (int64_t g = 0; g < G; ++g)
           qk_block_f32<DC>(qf + g * D, kb, std::max(p0, start) - p0,
                            std::min(p0 + bs, end) - p0, sc + g * stride + (p0 - start));
