@@ -148,14 +148,19 @@ def _cpu_has(*flags: str) -> bool:
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 flags")
-@pytest.mark.parametrize(("march", "avx2"), [("x86-64-v2", False), ("x86-64-v3", True)])
+@pytest.mark.parametrize(("march", "avx2"), [("x86-64-v2", False), ("x86-64-v3", True),
+                                             ("skylake-avx512", True)])
 def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool) -> None:
     """The native build (VNNI, or AVX2 on a CPU without it) against the scalar loop
-    (x86-64-v2) and the AVX2 path (x86-64-v3): the same integer sums and float operations,
+    (x86-64-v2), the AVX2 path (x86-64-v3) and AVX-512 without VNNI or BF16 (skylake-avx512:
+    the AVX2 tiles, AVX-512 attention loops): the same integer sums and float operations,
     so the same bits, for 1 to 9 and 70 rows (every rows-per-pass case, partial passes, two
     64-row chunks), with all-zero weight and activation groups."""
     if avx2 and not _cpu_has("avx2", "fma"):
         pytest.skip("no AVX2 and FMA on this CPU")
+    if march == "skylake-avx512" and not _cpu_has("avx512f", "avx512bw", "avx512dq",
+                                                  "avx512vl", "avx512cd"):
+        pytest.skip("no AVX-512 (F, BW, DQ, VL, CD) on this CPU")
     native = cpu_kernels()
     assert native is not None
     flags = tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
@@ -209,6 +214,17 @@ def _other_build_kernels_agree(native: CpuKernels, other: CpuKernels,
     outs = [k.paged_decode(q, fcache, rows.tables, rows.bounds, rows.max_keys, d ** -0.5,
                            rows.seq) for k in (native, other)]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    # ... and in the other build each row gets its bits alone, float32 and bfloat16 caches
+    for dtype in (torch.float32, torch.bfloat16):
+        c, qd = fcache.to(dtype), q.to(dtype)
+        batch = other.paged_decode(qd, c, rows.tables, rows.bounds, rows.max_keys, d ** -0.5,
+                                   rows.seq)
+        for i in range(len(qd)):
+            lo, hi = rows.bounds[i].tolist()
+            alone = other.paged_decode(qd[i:i + 1].contiguous(), c,
+                                       rows.tables[rows.seq[i]].unsqueeze(0).contiguous(),
+                                       rows.bounds[i:i + 1].contiguous(), hi - lo, d ** -0.5)
+            assert torch.equal(alone[0], batch[i]), (dtype, i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
