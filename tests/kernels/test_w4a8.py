@@ -15,6 +15,7 @@ import torch
 from tokenmill.kernels.cpu import FLAGS, CpuKernels, build, cpu_kernels
 from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import TorchPagedAttention
+from tokenmill.layers.dense import TiledWeight
 from tokenmill.layers.quant import (
     GROUP_SIZE,
     ResidualWeight,
@@ -225,6 +226,20 @@ def _other_build_kernels_agree(native: CpuKernels, other: CpuKernels,
                                        rows.tables[rows.seq[i]].unsqueeze(0).contiguous(),
                                        rows.bounds[i:i + 1].contiguous(), hi - lo, d ** -0.5)
             assert torch.equal(alone[0], batch[i]), (dtype, i)
+    _other_build_dense_agrees(native, other, gen)
+
+
+def _other_build_dense_agrees(native: CpuKernels, other: CpuKernels,
+                              gen: torch.Generator) -> None:
+    """The dense matmul (dense.cpp) in the other build: each output's products in k order
+    through one accumulator, whatever the vector width, and bfloat16 widened to the FMAs
+    vdpbf16ps performs: the same bits as the native build (no subnormals here)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(96, 200, generator=gen).to(dtype)
+        native_w, other_w = TiledWeight(w, native), TiledWeight(w, other)
+        for m in (1, 5, 7, 70):
+            x = torch.randn(m, 200, generator=gen).to(dtype)
+            assert torch.equal(other_w.matmul(x, None), native_w.matmul(x, None)), (dtype, m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""The fused stack (models/fused_stack.py, `--quantize w4a8` on CPU): prefill, chunked prefill
+"""The fused stack (models/fused_stack.py: w4a8 or dense weights on CPU): prefill, chunked prefill
 mixed with decodes, and decode steps through the one native call give the layer-by-layer
 path's logits and KV cache bit for bit, with attention bias (Qwen2) and a sliding window
 (Mistral), over the model's dtype or the int8 KV cache; the steps it must not take go the
@@ -28,8 +28,8 @@ BLOCK, BLOCKS = 4, 60
 
 def _model(arch: str, dtype: str, path: Path, quantize: str = "w4a8",
            kv: str = "auto") -> LlamaForCausalLM:
-    """A tiny w4a8 model with its cache bound: the model's dtype, or int8 (`kv`), whose
-    layout needs a head dim of 32 and blocks of 16."""
+    """A tiny model (w4a8, or `quantize` "none": dense tiles) with its cache bound: the
+    model's dtype, or int8 (`kv`), whose layout needs a head dim of 32 and blocks of 16."""
     pytest.importorskip("transformers")
     from models.test_model_parity import make_tiny
 
@@ -57,14 +57,15 @@ def _forward(model: LlamaForCausalLM, ids: list[int], pos: list[int], meta: Atte
         return model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), meta, out_rows))
 
 
+@pytest.mark.parametrize("quantize", ["w4a8", "none"])
 @pytest.mark.parametrize("dtype,kv", [("float32", "auto"), ("bfloat16", "auto"),
                                       ("bfloat16", "int8")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, kv: str, tmp_path: Path
-                                          ) -> None:
-    model = _model(arch, dtype, tmp_path, kv=kv)
+def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, kv: str, quantize: str,
+                                          tmp_path: Path) -> None:
+    model = _model(arch, dtype, tmp_path, quantize, kv)
     stack = model.fused_stack
-    assert stack is not None
+    assert stack is not None and stack.w4a8 == (quantize == "w4a8")
     cache = model.kv_cache  # type: ignore[attr-defined]  # every layer's
 
     def both(ids: list[int], pos: list[int], meta: AttentionMetadata) -> torch.Tensor:
@@ -150,10 +151,21 @@ def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None
     assert torch.equal(cache, before)
 
 
-@pytest.mark.parametrize("arch,quantize", [("llama", "int4"), ("qwen3", "w4a8")])
-def test_only_w4a8_models_without_qk_norm_get_a_stack(arch: str, quantize: str,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch,quantize", [("llama", "int4"), ("qwen3", "w4a8"),
+                                           ("qwen3", "none")])
+def test_only_w4a8_or_dense_models_without_qk_norm_get_a_stack(arch: str, quantize: str,
+                                                                tmp_path: Path) -> None:
     assert _model(arch, "float32", tmp_path, quantize).fused_stack is None
+
+
+def test_dense_stack_takes_steps_of_any_size(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W4A8Weight, "max_rows", 4)  # the w4a8 regime's limit: not a dense one
+    model = _model("llama", "float32", tmp_path, "none")
+    stack = model.fused_stack
+    assert stack is not None and not stack.w4a8
+    many = 9
+    assert stack.takes(torch.empty(many, 1), _meta(model, [many], [many], [[0, 1, 2]]))
 
 
 def test_stage_timing_changes_nothing(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("lora.cpp", "attention.cpp", "pointwise.cpp", "sampling.cpp",
-                             "w4a8.cpp", "decode_stack.cpp"))  # one library
+                             "w4a8.cpp", "dense.cpp", "decode_stack.cpp"))  # one library
 _CSRC = Path(__file__).with_name("csrc")
 # In the cache key too: every header, tm_kernels.h (the C signatures ctypes binds) first.
 HEADERS = (_CSRC / "tm_kernels.h",
@@ -43,7 +43,7 @@ HEADERS = (_CSRC / "tm_kernels.h",
 # unchanged: IEEE results do not depend on it.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 18
+ABI_VERSION = 19
 BUILD_TIMEOUT_S = 180
 
 _C_TYPES: dict[str, Any] = {"int64_t": ctypes.c_int64, "int": ctypes.c_int,
@@ -102,6 +102,9 @@ class CpuKernels:
         self._decode8 = per_dtype("paged_decode_kv8")
         self._w4a8 = per_dtype("w4a8_matmul")
         self._w8a8 = per_dtype("w8a8_matmul")
+        self._dense = per_dtype("dense_matmul")
+        # bfloat16 dense weights take AVX512-BF16's dot products (else they are widened).
+        self.dense_bf16dot = bool(bind("tm_dense_bf16dot")())
         self._argmax = per_dtype("argmax")
         # The quantized matmuls' integer path: AVX-512 VNNI, else AVX2 (vpmaddubsw), else a
         # scalar loop; all give the same bits, the scalar one slowly.
@@ -159,6 +162,17 @@ class CpuKernels:
         y = torch.empty(m, n, dtype=x.dtype)
         self._w8a8[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
                             scales.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+        return y
+
+    def dense_matmul(self, x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
+        """x [M, K] (rows contiguous) @ W^T -> [M, N] in x's dtype, W packed in 16-column
+        tiles of x's dtype as `TiledWeight` lays them out (layers/dense.py; checked there)."""
+        m, k = x.shape
+        assert x.stride(1) == 1 or m == 0
+        y = torch.empty(m, n, dtype=x.dtype)
+        if m:
+            self._dense[x.dtype](x.data_ptr(), x.stride(0), m, k, tiles.data_ptr(), n,
+                                 y.data_ptr(), n, torch.get_num_threads())
         return y
 
     def supports_rope_kv(self, qkv: torch.Tensor, kv_cache: torch.Tensor, cos: torch.Tensor,

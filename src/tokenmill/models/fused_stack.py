@@ -1,13 +1,14 @@
 """The Llama-family decoder stack of a step as one native call.
 
-With `--quantize w4a8` on CPU every matmul is a native kernel, and so are the norms, rotary +
-cache write, attention (each row straight from the paged cache, prefill rows included) and
-SiLU · up; what is left in Python is glue, ~90 µs a layer (module calls, checks, views,
-allocations), a third of a batch-1 decode step. `FusedStack` hands the whole stack to
-kernels/csrc/decode_stack.cpp, which chains the same kernels in the same order, so the two
-paths give the same bits (tests/models/test_fused_stack.py). It runs every step with at most
-`W4A8Weight.max_rows` rows (the quantized kernels' regime: all, unless a test lowers it) in
-which no row uses a LoRA adapter; otherwise the layers run one by one.
+On CPU, with w4a8 weights or dense ones in tokenmill's tiles (layers/dense.py), every matmul
+is a native kernel, and so are the norms, rotary + cache write, attention (each row straight
+from the paged cache, prefill rows included) and SiLU · up; what is left in Python is glue,
+~90 µs a layer (module calls, checks, views, allocations), a third of a batch-1 decode step.
+`FusedStack` hands the whole stack to kernels/csrc/decode_stack.cpp, which chains the same
+kernels in the same order, so the two paths give the same bits
+(tests/models/test_fused_stack.py). It runs every step in which no row uses a LoRA adapter
+and, with w4a8 weights, that has at most `W4A8Weight.max_rows` rows (the quantized kernels'
+regime: all, unless a test lowers it); otherwise the layers run one by one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from tokenmill.kernels.cpu import MAX_DECODE_GROUP_DIM, cache_head, cache_matches, cpu_kernels
 from tokenmill.layers.attention import AttentionMetadata
+from tokenmill.layers.dense import TiledWeight
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.quant import W4A8Weight
 
@@ -57,9 +59,15 @@ def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
     return cast("list[DecoderLayer]", list(model.layers))
 
 
-def _w4a8(linear: Linear) -> W4A8Weight:
-    assert isinstance(linear.quant, W4A8Weight)
-    return linear.quant
+def _weights(linear: Linear, dtype: torch.dtype) -> tuple[int, int | None] | None:
+    """(weights, scales) pointers of a matmul the stack runs: w4a8, or dense tiles of the
+    activations' dtype (no scales); None for any other kind."""
+    if isinstance(linear.quant, W4A8Weight):
+        return linear.quant.packed.data_ptr(), linear.quant.scales.data_ptr()
+    if (linear.quant is None and isinstance(linear.packed, TiledWeight)
+            and linear.packed.dtype == dtype):
+        return linear.packed.tiles.data_ptr(), None
+    return None
 
 
 class FusedStack:
@@ -85,24 +93,27 @@ class FusedStack:
                             d ** -0.5, self.cos.data_ptr(), self.sin.data_ptr(),
                             self.cos.shape[0], int(kv.dtype == torch.int8))
         self.layers = (_Layer * cfg.num_layers)()
+        # Whether a matmul is w4a8: then steps over `W4A8Weight.max_rows` rows take the layers.
+        self.w4a8 = False
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, o = _w4a8(attn.qkv_proj), _w4a8(attn.o_proj)
-            gu, down = _w4a8(mlp.gate_up_proj), _w4a8(mlp.down_proj)
+            qkv, o, gu, down = (
+                _weights(lin, self.dtype) or (0, None)
+                for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+            self.w4a8 |= any(s is not None for _, s in (qkv, o, gu, down))
             bias = attn.qkv_proj.bias
             self.layers[i] = _Layer(
                 layer.input_layernorm.weight.data_ptr(),
-                layer.post_attention_layernorm.weight.data_ptr(),
-                qkv.packed.data_ptr(), qkv.scales.data_ptr(),
-                None if bias is None else bias.data_ptr(), o.packed.data_ptr(),
-                o.scales.data_ptr(), gu.packed.data_ptr(), gu.scales.data_ptr(),
-                down.packed.data_ptr(), down.scales.data_ptr(), attn.kv_cache.data_ptr())
+                layer.post_attention_layernorm.weight.data_ptr(), *qkv,
+                None if bias is None else bias.data_ptr(), *o, *gu, *down,
+                attn.kv_cache.data_ptr())
 
     @staticmethod
     def build(model: LlamaForCausalLM) -> FusedStack | None:
         """The stack for `model` with its KV cache bound, or None when it does not qualify:
-        CPU, bfloat16 or float32, every decoder linear w4a8 (bias only on qkv), no q/k norm,
-        the native kernels loaded, a contiguous cache of the model's dtype or int8."""
+        CPU, bfloat16 or float32, every decoder linear w4a8 or dense tiles of that dtype (bias
+        only on qkv), no q/k norm, the native kernels loaded, a contiguous cache of the
+        model's dtype or int8."""
         cfg = model.cfg
         dtype = model.embed_tokens.weight.dtype
         if (cpu_kernels() is None or dtype not in (torch.bfloat16, torch.float32)
@@ -114,7 +125,7 @@ class FusedStack:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             kv = attn.kv_cache
-            if (not all(isinstance(lin.quant, W4A8Weight) for lin in linears)
+            if (any(_weights(lin, dtype) is None for lin in linears)
                     or any(lin.bias is not None for lin in linears[1:])
                     or not cache_matches(kv, dtype, cfg.head_dim) or not kv.is_contiguous()
                     or any(n.weight.dtype != dtype for n in (layer.input_layernorm,
@@ -123,8 +134,9 @@ class FusedStack:
         return FusedStack(model)
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """A step with per-row keys (CPU), at most `W4A8Weight.max_rows` rows, no LoRA rows."""
-        if meta.rows is None or x.shape[0] > W4A8Weight.max_rows:
+        """A step with per-row keys (CPU), no LoRA rows and, with w4a8 weights, at most
+        `W4A8Weight.max_rows` rows."""
+        if meta.rows is None or (self.w4a8 and x.shape[0] > W4A8Weight.max_rows):
             return False
         for lin in self._linears:  # every LoraLinear shares one batch state: the first decides
             if lin.lora is not None:

@@ -24,7 +24,7 @@ from tokenmill.guided.llg_backend import LLGuidanceBackend
 from tokenmill.ipc import BatchRecorder, EngineInfo
 from tokenmill.layers import kv_int8
 from tokenmill.layers.attention import FLOAT8, FLOAT8_CACHES, get_attention_backend
-from tokenmill.layers.linear import prepare_cpu_weights
+from tokenmill.layers.dense import prepare_cpu_weights
 from tokenmill.layers.quant import quantize_model
 from tokenmill.loader import ModelLoadError, ModelSource, resolve_model
 from tokenmill.lora.adapter import adapter_location, parse_adapter_specs
@@ -175,7 +175,7 @@ def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
             logger.info("%s weight-only quantization: %d linear layers", quantize, n)
     if device.type == "cpu":
         packed, dropped = prepare_cpu_weights(model)
-        logger.info("CPU linear layers: %d weights in oneDNN's layout, %d plain copies dropped",
+        logger.info("CPU linear layers: %d dense weights packed, %d plain copies dropped",
                     packed, dropped)
         release_free_memory()
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,

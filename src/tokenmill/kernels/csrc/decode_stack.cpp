@@ -1,10 +1,10 @@
-// The whole decoder stack of a step in one call (`--quantize w4a8` on CPU): per layer
+// The whole decoder stack of a step in one call (CPU; w4a8 or dense weights): per layer
 // residual add + RMSNorm, the qkv matmul (+ bias), rotary + KV-cache write, attention from
 // the paged cache, the output matmul, add + RMSNorm, gate/up, SiLU * up, down. It chains the
-// kernels of pointwise.cpp, attention.cpp and w4a8.cpp through their C entry points, in the
-// order and with the arithmetic of the Python layers (models/llama.py, which call the same
-// kernels), so a step gives the layer-by-layer path's bits; only Python's ~90 us per layer
-// of glue is gone. Built into the same library (kernels/cpu.py); called by
+// kernels of pointwise.cpp, attention.cpp, w4a8.cpp and dense.cpp through their C entry
+// points, in the order and with the arithmetic of the Python layers (models/llama.py, which
+// call the same kernels), so a step gives the layer-by-layer path's bits; only Python's
+// ~90 us per layer of glue is gone. Built into the same library (kernels/cpu.py); called by
 // models/fused_stack.py.
 #include <cmath>
 #include <cstdint>
@@ -16,6 +16,8 @@
 #include "tm_kernels.h"
 
 // Mirrors of the ctypes structures in models/fused_stack.py (field order matters).
+// Each matmul's weights: w4a8 (w: packed int4, s: its scales) or, s null, dense in the
+// activations' dtype (w: dense.cpp's tiles).
 struct TmLayer {
   const void* in_norm;
   const void* post_norm;
@@ -94,11 +96,13 @@ inline void norm(const float* x, const float* res, float* r_out, const void* w, 
 }
 inline void matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
                    int64_t N, uint16_t* y, int t) {
-  tm_w4a8_matmul_bf16(x, K, M, K, w, s, N, y, N, t);
+  if (s) tm_w4a8_matmul_bf16(x, K, M, K, w, s, N, y, N, t);
+  else tm_dense_matmul_bf16(x, K, M, K, reinterpret_cast<const uint16_t*>(w), N, y, N, t);
 }
 inline void matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
                    int64_t N, float* y, int t) {
-  tm_w4a8_matmul_f32(x, K, M, K, w, s, N, y, N, t);
+  if (s) tm_w4a8_matmul_f32(x, K, M, K, w, s, N, y, N, t);
+  else tm_dense_matmul_f32(x, K, M, K, reinterpret_cast<const float*>(w), N, y, N, t);
 }
 // Rotary + cache write and attention for activations T (bfloat16 bits or float) over a cache
 // of element E: T, or int8 (bytes).

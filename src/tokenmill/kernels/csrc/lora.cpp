@@ -145,7 +145,7 @@ void lora_sgmv(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a,
 
 extern "C" {
 
-int tm_abi_version() { return 18; }
+int tm_abi_version() { return 19; }
 
 #define TM_LORA_SGMV(NAME, T)                                                                 \
   void NAME(const T* x, int64_t x_stride, T* y, int64_t y_stride, const T* a, int64_t a_slot, \

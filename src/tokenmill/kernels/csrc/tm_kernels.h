@@ -1,5 +1,5 @@
 // The C entry points of tokenmill's CPU kernels, shared by their definitions (lora.cpp,
-// attention.cpp, pointwise.cpp, sampling.cpp, w4a8.cpp, decode_stack.cpp) and by
+// attention.cpp, pointwise.cpp, sampling.cpp, w4a8.cpp, dense.cpp, decode_stack.cpp) and by
 // decode_stack.cpp, which chains them. Declaring them once lets the compiler check that every
 // definition and every call agree, and kernels/cpu.py reads its ctypes signatures from this
 // block too (pointers, int64_t, int and float only, one declaration per entry point).
@@ -63,6 +63,11 @@ void tm_lora_sgmv_f32(const float*, int64_t, float*, int64_t, const float*, int6
                       float*, int);
 void tm_argmax_bf16(const uint16_t*, int64_t, int64_t, int64_t, int64_t*, int);
 void tm_argmax_f32(const float*, int64_t, int64_t, int64_t, int64_t*, int);
+void tm_dense_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
+                          uint16_t*, int64_t, int);
+void tm_dense_matmul_f32(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
+                         int64_t, int);
+int tm_dense_bf16dot();
 int tm_w4a8_vnni();
 int tm_w4a8_avx2();
 int tm_w4a8_amx();
