@@ -4,9 +4,10 @@ the LM head, sampling, the scheduler's update, detokenization), ms per decode st
 forward pass leaves is the step's Python.
 
     .venv/bin/python benchmarks/step_stages.py [--prompts 64] [--new-tokens 128] [--repeats 2]
-        [--kv-cache-dtype int8] [--block-size 16] [--kernels]
+        [--kv-cache-dtype int8] [--block-size 16] [--quantize none] [--dtype float32]
+        [--kernels]
 
-With --kernels, the fused w4a8 stack also times each of its kernels (norm, qkv, rotary + cache
+With --kernels, the fused stack (w4a8 or dense tiles) also times each of its kernels (norm, qkv, rotary + cache
 write, attention, o, norm, gate/up, SiLU * up, down), ms per decode and per prefill step.
 """
 
@@ -48,11 +49,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--block-size", type=int, default=None, help="KV cache block (tokens)")
+    ap.add_argument("--quantize", default=None, help="tokenmill's --quantize (none: dense)")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kernels", action="store_true",
-                    help="also time each kernel of the fused w4a8 stack (ms per step)")
+                    help="also time each kernel of the fused stack (ms per step)")
     a = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}")
-    llm = LLM(kv_cache_dtype=a.kv_cache_dtype,
+    llm = LLM(kv_cache_dtype=a.kv_cache_dtype, quantize=a.quantize, dtype=a.dtype,
               **({} if a.block_size is None else {"block_size": a.block_size}))
     eng = llm.engine
     core, runner = eng.core, eng.core.runner
@@ -95,7 +98,7 @@ def main() -> None:
 def kernel_calls(stack: Any) -> list[tuple[int, list[float]]] | None:
     """Time the fused stack's kernels: each run's (rows, seconds per stage) is appended."""
     if stack is None:
-        print("--kernels: this model has no fused stack (it needs --quantize w4a8 on CPU)")
+        print("--kernels: this model has no fused stack (it needs w4a8 or dense tiles on CPU)")
         return None
     import torch
 
