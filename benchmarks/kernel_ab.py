@@ -59,7 +59,7 @@ def main() -> None:
                 "tree": build(list(SOURCES), a.march, Path(tmp) / "tree.so")}
         hq, hk, d, bs = 9, 3, 64, 16
         gen = torch.Generator().manual_seed(0)
-        for rows, ctx in ((64, 192), (8, 1024), (1, 1024)):
+        for rows, ctx in ((64, 192), (8, 1024), (1, 1024), (1, 4096), (2, 8192)):
             per = -(-ctx // bs)
             perm = torch.randperm(rows * per, generator=gen)  # blocks scattered
             tables = [perm[i * per:(i + 1) * per].tolist() for i in range(rows)]

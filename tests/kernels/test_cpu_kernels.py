@@ -290,6 +290,60 @@ def test_prefill_rows_taken_in_blocks_get_their_bits_alone(cache_kind: str, hq: 
 
 
 @needs_compiler
+@pytest.mark.parametrize("cache_kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_rows_take_key_chunks_and_keep_their_bits_alone(
+        cache_kind: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows with more than 512 keys (attention.cpp SPLIT) run as 512-key chunks whose partial
+    softmaxes merge: the result is attention over all their keys (against SDPA on the cache's
+    values), and each row's bits are its own alone or among rows of every kind (a 3-chunk
+    decode, 512 keys exactly (one item), 513 (a 1-key chunk), a sliding window starting
+    mid-block, a prefill crossing 512 keys whose short rows share blocks, a short decode)."""
+    import torch.nn.functional as F
+
+    from tokenmill.layers import kv_int8
+
+    kernel = cpu_kernels()
+    assert kernel is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(21)
+    hq, hk, d, bs = 6, 2, 64, 16
+    per_seq = 100  # 1,600 slots a sequence
+    rows = [(0, 0, 1500), (1, 0, 512), (2, 0, 513), (3, 301, 1400), (4, 0, 40)]
+    rows += [(5, 0, end) for end in range(505, 520)]  # one prefill chunk across the split
+    n_seq = 6
+    tables = torch.randperm(n_seq * per_seq, generator=g).view(n_seq, per_seq).contiguous()
+    n_slots = n_seq * per_seq * bs
+    keys = torch.randn(n_slots, hk, d, generator=g)
+    values = torch.randn(n_slots, hk, d, generator=g)
+    if cache_kind == "int8":
+        cache = torch.zeros(2, hk, n_seq * per_seq, kv_int8.block_bytes(bs, d), dtype=torch.int8)
+        kv_int8.write(cache, keys, values, torch.arange(n_slots))
+        k_all, v_all = kv_int8.gather(cache, tables, d, torch.float32)  # [Hk, S, n, D]
+        dtype = torch.bfloat16
+    else:
+        dtype = getattr(torch, cache_kind)
+        cache = torch.stack([keys, values]).transpose(1, 2).reshape(
+            2, hk, n_seq * per_seq, bs, d).to(dtype).contiguous()
+        k_all = cache[0][:, tables].reshape(hk, n_seq, -1, d).float()
+        v_all = cache[1][:, tables].reshape(hk, n_seq, -1, d).float()
+    q = torch.randn(len(rows), hq, d, generator=g).to(dtype)
+    bounds = torch.tensor([[lo, hi] for _, lo, hi in rows])
+    seq = torch.tensor([s for s, _, _ in rows])
+    max_keys = max(hi - lo for _, lo, hi in rows)
+    batch = kernel.paged_decode(q, cache, tables, bounds, max_keys, d ** -0.5, seq)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (s, lo, hi) in enumerate(rows):
+        want = F.scaled_dot_product_attention(
+            q[i].float().view(1, hq, 1, d), k_all[None, :, s, lo:hi], v_all[None, :, s, lo:hi],
+            scale=d ** -0.5, enable_gqa=True).view(hq, d)
+        torch.testing.assert_close(batch[i].float(), want, atol=tol, rtol=tol)
+        alone = kernel.paged_decode(q[i:i + 1].contiguous(), cache, tables[s:s + 1].contiguous(),
+                                    bounds[i:i + 1].contiguous(), hi - lo, d ** -0.5)
+        assert torch.equal(alone[0].view(-1), batch[i].view(-1)), i
+
+
+@needs_compiler
 def test_decode_kernel_declines_what_it_cannot_take() -> None:
     kernel = cpu_kernels()
     assert kernel is not None

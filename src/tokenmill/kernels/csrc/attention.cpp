@@ -143,6 +143,34 @@ void softmax_rows(float* sc, int64_t n, int64_t G, int64_t stride) {
   }
 }
 
+// Rows with more than SPLIT keys take their keys in SPLIT-key chunks, a work item per (row, KV
+// head, chunk): a few long rows (a batch-1 decode at a long context) would otherwise leave
+// threads idle, an item per KV head. Each chunk's softmax is its own (its max m, l = the sum
+// of exp(s - m), the weighted sum of those exps: softmax_partial); the chunks of a (row, head)
+// then merge in chunk order, out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c with M
+// the largest m_c. A row's chunks follow from its own keys, so its bits are the same alone as
+// in any batch; rows with fewer keys take the one-item path, as before.
+constexpr int64_t SPLIT = 512;
+
+// The first half of softmax_rows: e = exp(s - m) in place over each of G rows of n scores,
+// with m and l = sum(e) of row g written to ml[2g] and ml[2g + 1]. Out of line, as it.
+[[gnu::noinline]]
+void softmax_partial(float* sc, int64_t n, int64_t G, int64_t stride, float* ml) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = sc + g * stride;
+    float m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      sg[i] = exp_neg(sg[i] - m);
+      sum += sg[i];
+    }
+    ml[2 * g] = m;
+    ml[2 * g + 1] = sum;
+  }
+}
+
 // acc[g][0:D] = sum over the item's keys p of w[g][p - start] * V[p], for G heads.
 template <typename T, int64_t DC>
 [[gnu::always_inline]]
@@ -261,11 +289,12 @@ void paged_attend(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
       const int64_t item = item_of(p), k = item / Hk, h = item % Hk;
       const int64_t b0 = BLOCKS ? first[k] : k, rows = BLOCKS ? first[k + 1] - b0 : 1;
       const Item<E> it = view(item);
+      if (rows == 1 && it.end - it.start > SPLIT) continue;  // split_attend's
       if (p + 1 < n_items) {
         const Item<E> nx = view(item_of(p + 1));
         const Item<E> prev = p > 0 ? view(item_of(p - 1)) : Item<E>{};
         const bool seen = p > 0 && prev.table == nx.table && prev.kh == nx.kh;
-        if (!seen) pf.reset(nx, bs, block_elems);
+        if (!seen && nx.end - nx.start <= SPLIT) pf.reset(nx, bs, block_elems);  // not a long row
       }
       if (rows == 1) {
         const T* qrow = q + b0 * q_tok + h * G * D;
@@ -293,6 +322,89 @@ void paged_attend(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
   }
 }
 
+// The rows of `longs` (each with more than SPLIT keys) in chunks (see SPLIT): partial results
+// per (chunk, KV head) in a buffer, then each (row, head) merged. Arguments as paged_attend's;
+// scratch holds threads x G x max_keys floats, max_keys > SPLIT here.
+template <typename T, typename E, int64_t DC>
+void split_attend(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, int64_t kv_head,
+                  int64_t bs, int64_t head_dim, const int64_t* tables, int64_t table_stride,
+                  const int64_t* row_seq, const int64_t* bounds, const std::vector<int64_t>& longs,
+                  int64_t Hq, int64_t Hk, float scale, float* scratch, int64_t max_keys,
+                  int threads) {
+  constexpr bool INT8 = std::is_same_v<E, int8_t>;
+  const int64_t G = Hq / Hk, D = DC ? DC : head_dim, n_rows = int64_t(longs.size());
+  const int64_t block_elems = INT8 ? kv8::block_bytes(bs, D) : bs * D;
+  std::vector<int64_t> first(size_t(n_rows) + 1, 0);  // each row's first chunk
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const int64_t b = longs[i], n = bounds[2 * b + 1] - bounds[2 * b];
+    first[i + 1] = first[i] + (n + SPLIT - 1) / SPLIT;
+  }
+  const int64_t n_items = first[n_rows] * Hk, part_len = G * (D + 2);
+  std::vector<float> part(size_t(n_items * part_len));  // per item: G x D sums, G x (m, l)
+  auto row_of = [&](int64_t chunk) {  // the index into longs of the row owning a chunk
+    return int64_t(std::upper_bound(first.begin(), first.end(), chunk) - first.begin()) - 1;
+  };
+  auto view = [&](int64_t p) {  // item p: chunk p / Hk under KV head p % Hk
+    const int64_t chunk = p / Hk, h = p % Hk, i = row_of(chunk), b = longs[i];
+    const int64_t start = bounds[2 * b] + (chunk - first[i]) * SPLIT;
+    return Item<E>{tables + (row_seq ? row_seq[b] : b) * table_stride, kc + h * kv_head,
+                   vc + h * kv_head, start, std::min(bounds[2 * b + 1], start + SPLIT)};
+  };
+#pragma omp parallel num_threads(threads)
+  {
+    float* sc = scratch + int64_t(omp_get_thread_num()) * G * max_keys;
+    alignas(64) float qf[16 * 256];
+    alignas(64) float acc[16 * 256];
+    Prefetch<E> pf;
+    Q8 q8;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < n_items; ++p) {
+      const int64_t h = p % Hk, b = longs[row_of(p / Hk)];
+      const Item<E> it = view(p);
+      if (p + 1 < n_items) pf.reset(view(p + 1), bs, block_elems);
+      const T* qrow = q + b * q_tok + h * G * D;
+      float* pp = part.data() + p * part_len;
+      if constexpr (INT8) {
+        scores_int8<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, q8, pf);
+        softmax_partial(sc, it.end - it.start, G, max_keys, pp + G * D);
+        weighted_sum_int8<DC>(it, bs, D, G, sc, max_keys, acc, pf);
+      } else {
+        scores<T, DC>(qrow, it, bs, D, G, scale, sc, max_keys, qf, pf);
+        softmax_partial(sc, it.end - it.start, G, max_keys, pp + G * D);
+        weighted_sum<T, DC>(it, bs, D, G, sc, max_keys, acc, pf);
+      }
+      pf.finish();
+      std::memcpy(pp, acc, size_t(G * D) * sizeof(float));
+    }
+    // (the loop's barrier: every chunk is done)
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < n_rows * Hk; ++u) {
+      const int64_t i = u / Hk, h = u % Hk, c0 = first[i], c1 = first[i + 1];
+      T* orow = out + (longs[i] * Hq + h * G) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -INFINITY, l = 0.f;
+        for (int64_t c = c0; c < c1; ++c) m = std::max(m, part[(c * Hk + h) * part_len + G * D + 2 * g]);
+        for (int64_t c = c0; c < c1; ++c) {
+          const float* ml = part.data() + (c * Hk + h) * part_len + G * D + 2 * g;
+          l += exp_neg(ml[0] - m) * ml[1];
+        }
+        const float inv = 1.f / l;
+        float* a = acc;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) a[j] = 0.f;
+        for (int64_t c = c0; c < c1; ++c) {
+          const float* pc = part.data() + (c * Hk + h) * part_len;
+          const float wc = exp_neg(pc[G * D + 2 * g] - m) * inv;
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) a[j] = std::fma(wc, pc[g * D + j], a[j]);
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) store(orow + g * D, j, a[j]);
+      }
+    }
+  }
+}
+
 // Work blocks of rows: a prefill's consecutive rows of one sequence (same start, ends one apart)
 // up to row_block of them together, every other row alone; with none to join, the loop
 // without blocks.
@@ -302,9 +414,17 @@ void paged_decode(const T* q, int64_t q_tok, T* out, const E* kc, const E* vc, i
                   const int64_t* row_seq, const int64_t* bounds, int64_t B, int64_t Hq,
                   int64_t Hk, float scale, float* scratch, int64_t max_keys, int threads) {
   const int64_t rb = row_block<E, DC>(Hq / Hk, bs);
-  auto follows = [&](int64_t b) {  // row b continues row b - 1's prefill
+  auto is_long = [&](int64_t b) { return bounds[2 * b + 1] - bounds[2 * b] > SPLIT; };
+  std::vector<int64_t> longs;  // rows in chunks (split_attend); none: no allocation
+  for (int64_t b = 0; b < B; ++b)
+    if (is_long(b)) longs.push_back(b);
+  if (!longs.empty())
+    split_attend<T, E, DC>(q, q_tok, out, kc, vc, kv_head, bs, head_dim, tables, table_stride,
+                           row_seq, bounds, longs, Hq, Hk, scale, scratch, max_keys, threads);
+  if (int64_t(longs.size()) == B) return;
+  auto follows = [&](int64_t b) {  // row b continues row b - 1's prefill (neither in chunks)
     return row_seq[b] == row_seq[b - 1] && bounds[2 * b] == bounds[2 * b - 2] &&
-           bounds[2 * b + 1] == bounds[2 * b - 1] + 1;
+           bounds[2 * b + 1] == bounds[2 * b - 1] + 1 && !is_long(b);
   };
   bool any = false;  // a decode step has none: no allocation on its path
   for (int64_t b = 1; rb > 1 && row_seq && b < B && !any; ++b) any = follows(b);
