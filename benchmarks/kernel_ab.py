@@ -1,7 +1,9 @@
 """Decode attention of two builds of the native kernels in one process: the sources at a git
 revision (`--base`) against the working tree's, for the native CPU or another `-march`
 (x86-64-v3: the AVX2 path), alternating the two libraries round by round; µs per call
-(median of the rounds) and the ratio, with the largest difference of their outputs.
+(median of the rounds) and the ratio, with the largest difference of their outputs. Rows x
+keys: 64 x 192 (a batched decode), 8 and 1 x 1,024, 1 x 4,096 and 2 x 8,192 (long contexts,
+in 512-key chunks).
 
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 [--march x86-64-v3]
         [--cache float32|bfloat16|int8] [--rounds 6]
