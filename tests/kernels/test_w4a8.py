@@ -148,6 +148,26 @@ def _cpu_has(*flags: str) -> bool:
     return all(flag in have for flag in flags)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glu_epilogue_gives_the_matmul_then_silu_bits(dtype: torch.dtype) -> None:
+    """silu(gate) * up inside the matmul (w4a8 and dense tiles): bit for bit the matmul's
+    [gate | up] output followed by the SiLU · up kernel, for row counts that fill and split
+    the row passes and 64-row chunks; with SiLU arguments across both signs and a zero row."""
+    kernels = cpu_kernels()
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(96, 192, generator=gen)  # [gate (48) | up (48)]: 3 tiles a half
+    q4, _ = W4A8Weight.quantize(w, torch.bfloat16)
+    tiled = TiledWeight(w.to(dtype), kernels)
+    for m in (1, 2, 7, 8, 9, 70, 130):
+        x = (3 * torch.randn(m, 192, generator=gen)).to(dtype)
+        x[m // 2] = 0
+        assert torch.equal(q4.glu(x), kernels.silu_mul(q4.matmul(x))), m
+        assert torch.equal(tiled.glu(x), kernels.silu_mul(tiled.matmul(x, None))), m
+    with pytest.raises(ValueError, match="glu"):
+        W4A8Weight.quantize(torch.randn(48, 64), torch.bfloat16)[0].glu(torch.randn(2, 64))
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 flags")
 @pytest.mark.parametrize(("march", "avx2"), [("x86-64-v2", False), ("x86-64-v3", True),
                                              ("skylake-avx512", True)])
@@ -173,6 +193,7 @@ def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool)
     w[7, 32:64] = 0
     q4, _ = W4A8Weight.quantize(w, torch.bfloat16)
     q8, _ = W8A8Weight.quantize(w, torch.bfloat16)
+    glu, _ = W4A8Weight.quantize(torch.randn(64, 192, generator=gen), torch.bfloat16)
     for dtype in (torch.float32, torch.bfloat16):
         for m in (*range(1, 10), 70):
             x = (3 * torch.randn(m, 192, generator=gen)).to(dtype)
@@ -181,6 +202,10 @@ def test_other_builds_give_the_same_bits(tmp_path: Path, march: str, avx2: bool)
                                other.w4a8_matmul(x, q4.packed, q4.scales)), (dtype, m)
             assert torch.equal(native.w8a8_matmul(x, q8.packed, q8.scales),
                                other.w8a8_matmul(x, q8.packed, q8.scales)), (dtype, m)
+            # the SiLU epilogue: that build's matmul then its SiLU · up (whose exp may round
+            # differently from the native build's: FMA contraction)
+            assert torch.equal(other.w4a8_glu(x, glu.packed, glu.scales), other.silu_mul(
+                other.w4a8_matmul(x, glu.packed, glu.scales))), (dtype, m)
     _other_build_kernels_agree(native, other, gen)
 
 
@@ -240,6 +265,7 @@ def _other_build_dense_agrees(native: CpuKernels, other: CpuKernels,
         for m in (1, 5, 7, 70):
             x = torch.randn(m, 200, generator=gen).to(dtype)
             assert torch.equal(other_w.matmul(x, None), native_w.matmul(x, None)), (dtype, m)
+            assert torch.equal(other_w.glu(x), other.silu_mul(other_w.matmul(x, None))), m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

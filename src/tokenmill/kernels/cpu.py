@@ -103,6 +103,8 @@ class CpuKernels:
         self._w4a8 = per_dtype("w4a8_matmul")
         self._w8a8 = per_dtype("w8a8_matmul")
         self._dense = per_dtype("dense_matmul")
+        self._w4a8_glu = per_dtype("w4a8_glu")  # the matmul with a SiLU · up epilogue
+        self._dense_glu = per_dtype("dense_glu")
         # bfloat16 dense weights take AVX512-BF16's dot products (else they are widened).
         self.dense_bf16dot = bool(bind("tm_dense_bf16dot")())
         self._argmax = per_dtype("argmax")
@@ -162,6 +164,29 @@ class CpuKernels:
         y = torch.empty(m, n, dtype=x.dtype)
         self._w8a8[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
                             scales.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+        return y
+
+    def w4a8_glu(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
+                 ) -> torch.Tensor:
+        """silu(gate) * up [M, N/2] of `w4a8_matmul(x, ...)` = [gate | up] [M, N]: the same
+        bits as `silu_mul` of that product, in one pass (N/2 a multiple of 16)."""
+        m, k = x.shape
+        n = packed.shape[0] * W4A8_TILE
+        assert n % (2 * W4A8_TILE) == 0, "each half must be whole 16-column tiles"
+        y = torch.empty(m, n // 2, dtype=x.dtype)
+        self._w4a8_glu[x.dtype](x.data_ptr(), x.stride(0), m, k, packed.data_ptr(),
+                                scales.data_ptr(), n, y.data_ptr(), n // 2,
+                                torch.get_num_threads())
+        return y
+
+    def dense_glu(self, x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
+        """silu(gate) * up [M, n/2] of `dense_matmul(x, tiles, n)`, as `w4a8_glu`."""
+        m, k = x.shape
+        assert (x.stride(1) == 1 or m == 0) and n % 32 == 0
+        y = torch.empty(m, n // 2, dtype=x.dtype)
+        if m:
+            self._dense_glu[x.dtype](x.data_ptr(), x.stride(0), m, k, tiles.data_ptr(), n,
+                                     y.data_ptr(), n // 2, torch.get_num_threads())
         return y
 
     def dense_matmul(self, x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:

@@ -65,6 +65,17 @@ class TiledWeight:
             y += bias
         return y.view(*x.shape[:-1], self.out_features)
 
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this [gate | up] weight's product in one pass (the kernel's
+        SiLU epilogue): pointwise SiLU · up of `matmul(x)` bit for bit. x [M, K]."""
+        if (x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != self.in_features
+                or self.out_features % (2 * TILE)):
+            raise ValueError(f"TiledWeight.glu: {tuple(x.shape)} {x.dtype} by a {self.dtype} "
+                             f"[{self.out_features}, {self.in_features}] weight")
+        if x.shape[0] and x.stride(1) != 1:
+            x = x.contiguous()
+        return self.kernels.dense_glu(x, self.tiles, self.out_features)
+
     def to_dense(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         if self.dtype == torch.bfloat16:

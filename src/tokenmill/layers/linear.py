@@ -66,6 +66,23 @@ class Linear(nn.Module):
         return y
 
 
+    def glu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a [gate | up] layer (`MergedLinear` of two equal halves) in one
+        native pass, the matmul's SiLU epilogue: the bits of `forward` then the SiLU · up
+        kernel. None where that does not apply (a bias, LoRA, halves that are not whole
+        16-column tiles, a weight kind without it): the caller takes the two steps."""
+        if self.bias is not None or self.lora is not None or self.out_features % 32:
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        if self.quant is not None and rows.shape[0] <= self.quant.max_rows:
+            fused = getattr(self.quant, "glu", None)
+        else:
+            fused = getattr(self.packed, "glu", None)
+        if fused is None:
+            return None
+        y = fused(rows)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def dense_weight(self) -> torch.Tensor:
         """The weight [out, in] in the plain layout, whichever form the layer keeps it in."""
         if self.weight.shape[0]:

@@ -165,6 +165,15 @@ class W4A8Weight(NativeQuantWeight):
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.w4a8_matmul(x, self.packed, self.scales)
 
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this [gate | up] weight's product in one pass (the kernel's
+        SiLU epilogue): `silu_mul(matmul(x))` bit for bit, without the [M, N] product."""
+        if x.dim() != 2 or x.shape[1] != self.in_features or self.out_features % 32:
+            raise ValueError(f"W4A8Weight.glu: {tuple(x.shape)} by "
+                             f"[{self.out_features}, {self.in_features}]^T")
+        return self.kernels.w4a8_glu(x if x.stride(1) == 1 else x.contiguous(), self.packed,
+                                     self.scales)
+
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] float32 from the packed layout: `pack` undone, then
         (q - 8) * s + z, the reference `quantize` returned."""

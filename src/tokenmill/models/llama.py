@@ -133,6 +133,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (act := self.gate_up_proj.glu(x)) is not None:  # SiLU · up in the matmul (CPU)
+            return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         if (gate_up.device.type == "cpu" and (k := cpu_kernels()) is not None
                 and k.supports_silu_mul(gate_up)):  # one call (the fused stack's), not three

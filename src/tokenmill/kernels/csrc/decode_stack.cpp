@@ -134,6 +134,17 @@ inline void attend(const T* qkv, T* out, const E* kc, const E* vc, const Stack& 
      s.row_seq, s.bounds, s.M, c.Hq, c.Hk, c.scale, s.attn_scratch, s.max_keys, s.threads);
 }
 
+// silu(gate) * up of x @ [gate | up]^T (N = 2I) in one pass (the matmul's SiLU epilogue).
+inline void glu(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                int64_t N, uint16_t* y, int t) {
+  if (s) tm_w4a8_glu_bf16(x, K, M, K, w, s, N, y, N / 2, t);
+  else tm_dense_glu_bf16(x, K, M, K, reinterpret_cast<const uint16_t*>(w), N, y, N / 2, t);
+}
+inline void glu(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* s,
+                int64_t N, float* y, int t) {
+  if (s) tm_w4a8_glu_f32(x, K, M, K, w, s, N, y, N / 2, t);
+  else tm_dense_glu_f32(x, K, M, K, reinterpret_cast<const float*>(w), N, y, N / 2, t);
+}
 inline void silu_mul(const uint16_t* gu, uint16_t* act, int64_t M, int64_t I, int t) {
   tm_silu_mul_bf16(gu, act, M, I, t);
 }
@@ -212,9 +223,14 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
     clock.mark(4);
     norm(x, res, res, L.post_norm, h, R, H, c.eps, s.threads);
     clock.mark(5);
-    matmul(h, R, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
-    clock.mark(6);
-    silu_mul(gu, act, R, c.I, s.threads);
+    if (c.I % 16 == 0) {  // whole tiles in each half: SiLU · up in the matmul (stage 7 ~0)
+      glu(h, R, H, L.gu_w, L.gu_s, 2 * c.I, act, s.threads);
+      clock.mark(6);
+    } else {
+      matmul(h, R, H, L.gu_w, L.gu_s, 2 * c.I, gu, s.threads);
+      clock.mark(6);
+      silu_mul(gu, act, R, c.I, s.threads);
+    }
     clock.mark(7);
     matmul(act, R, c.I, L.down_w, L.down_s, H, x, s.threads);
     clock.mark(8);

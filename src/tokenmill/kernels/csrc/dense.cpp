@@ -215,10 +215,14 @@ void tiles(int64_t nr, int64_t tb, const T* x, int64_t xs, int64_t K, const T* w
     rows<T, 1>(nr, x, xs, K, w + t * tl, tl, y + t * TN, ys);
 }
 
-template <typename T>
+// y = x @ W^T, or with GLU (W = [gate | up], N = 2I, I a multiple of 16) y = silu(gate) *
+// up [M, I]: an item's gate and up tiles of the same columns rounded to T in a buffer and
+// combined (tmk::silu_mul_row): the bits of the matmul then pointwise.cpp's SiLU · up.
+template <typename T, bool GLU = false>
 void matmul(const T* x, int64_t xs, int64_t M, int64_t K, const T* w, int64_t N, T* y,
             int64_t ys, int threads) {
-  const int64_t n_tiles = N / TN, tl = TN * K, chunks = (M + MC - 1) / MC;
+  const int64_t tl = TN * K, chunks = (M + MC - 1) / MC;
+  const int64_t n_tiles = GLU ? N / TN / 2 : N / TN;  // output tiles (GLU: the gate's)
   // Tiles per item: up to MAX_TB (more independent accumulators for few rows), fewer when
   // the items would be too few to share out evenly among the threads.
   const int64_t want = std::max<int64_t>(1, n_tiles * chunks / (8 * int64_t(threads)));
@@ -232,7 +236,16 @@ void matmul(const T* x, int64_t xs, int64_t M, int64_t K, const T* w, int64_t N,
     const int64_t nt = std::min(tb, n_tiles - t0);
     for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MAX_NR) {
       const int64_t nr = std::min<int64_t>(MAX_NR, std::min(M, c * MC + MC) - m0);
-      tiles<T>(nr, nt, x + m0 * xs, xs, K, w + t0 * tl, tl, y + m0 * ys + t0 * TN, ys);
+      if constexpr (GLU) {
+        constexpr int64_t W = MAX_TB * TN;
+        alignas(64) T g[MAX_NR * W], u[MAX_NR * W];
+        tiles<T>(nr, nt, x + m0 * xs, xs, K, w + t0 * tl, tl, g, W);
+        tiles<T>(nr, nt, x + m0 * xs, xs, K, w + (n_tiles + t0) * tl, tl, u, W);
+        for (int64_t r = 0; r < nr; ++r)
+          tmk::silu_mul_row(g + r * W, u + r * W, y + (m0 + r) * ys + t0 * TN, nt * TN);
+      } else {
+        tiles<T>(nr, nt, x + m0 * xs, xs, K, w + t0 * tl, tl, y + m0 * ys + t0 * TN, ys);
+      }
     }
   }
 }
@@ -249,6 +262,15 @@ void tm_dense_matmul_bf16(const uint16_t* x, int64_t x_stride, int64_t M, int64_
 void tm_dense_matmul_f32(const float* x, int64_t x_stride, int64_t M, int64_t K, const float* w,
                          int64_t N, float* y, int64_t y_stride, int threads) {
   matmul(x, x_stride, M, K, w, N, y, y_stride, threads);
+}
+// y [M, N/2] = silu(gate) * up of x @ [gate | up]^T (N / 2 a multiple of 16).
+void tm_dense_glu_bf16(const uint16_t* x, int64_t x_stride, int64_t M, int64_t K,
+                       const uint16_t* w, int64_t N, uint16_t* y, int64_t y_stride, int threads) {
+  matmul<uint16_t, true>(x, x_stride, M, K, w, N, y, y_stride, threads);
+}
+void tm_dense_glu_f32(const float* x, int64_t x_stride, int64_t M, int64_t K, const float* w,
+                      int64_t N, float* y, int64_t y_stride, int threads) {
+  matmul<float, true>(x, x_stride, M, K, w, N, y, y_stride, threads);
 }
 // 1 when bfloat16 weights take AVX512-BF16's dot products, 0 when they are widened.
 int tm_dense_bf16dot() { return TM_DENSE_BF16DOT; }

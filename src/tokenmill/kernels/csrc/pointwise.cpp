@@ -19,9 +19,8 @@ using tmk::load;
 using tmk::round_to;
 using tmk::store;
 
-// act[m] = silu(gate[m]) * up[m] for rows gu[m] = [gate (I) | up (I)], with torch's roundings
-// (`F.silu(gate) * up`): silu(x) = x * sigmoid(x) in float32, rounded to T, then the product
-// rounded. sigmoid from exp_neg of -|x| (no overflow): 1 / (1 + e) or e / (1 + e).
+// act[m] = silu(gate[m]) * up[m] for rows gu[m] = [gate (I) | up (I)] (tmk::silu_mul_row:
+// torch's roundings).
 template <typename T>
 void silu_mul(const T* gu, T* act, int64_t M, int64_t I, int threads) {
   constexpr int64_t CH = 512;  // columns per work item
@@ -30,16 +29,7 @@ void silu_mul(const T* gu, T* act, int64_t M, int64_t I, int threads) {
   for (int64_t item = 0; item < M * per_row; ++item) {
     const int64_t m = item / per_row, lo = item % per_row * CH, hi = std::min(I, lo + CH);
     const T* g = gu + m * 2 * I;
-    const T* u = g + I;
-    T* a = act + m * I;
-#pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      const float x = load(g, i);
-      const float e = exp_neg(x < 0.f ? x : -x);
-      const float sig = (x < 0.f ? e : 1.f) / (1.f + e);
-      const float silu = round_to(x * sig, g);
-      store(a, i, silu * load(u, i));
-    }
+    tmk::silu_mul_row(g + lo, g + I + lo, act + m * I + lo, hi - lo);
   }
 }
 

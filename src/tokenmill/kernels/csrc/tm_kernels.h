@@ -47,6 +47,10 @@ void tm_w4a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8
                          const uint16_t*, int64_t, uint16_t*, int64_t, int);
 void tm_w4a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*,
                         const uint16_t*, int64_t, float*, int64_t, int);
+void tm_w4a8_glu_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
+                      const uint16_t*, int64_t, uint16_t*, int64_t, int);
+void tm_w4a8_glu_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*,
+                     int64_t, float*, int64_t, int);
 void tm_w8a8_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint8_t*,
                          const float*, int64_t, uint16_t*, int64_t, int);
 void tm_w8a8_matmul_f32(const float*, int64_t, int64_t, int64_t, const uint8_t*, const float*,
@@ -67,6 +71,10 @@ void tm_dense_matmul_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint
                           uint16_t*, int64_t, int);
 void tm_dense_matmul_f32(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                          int64_t, int);
+void tm_dense_glu_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t,
+                       uint16_t*, int64_t, int);
+void tm_dense_glu_f32(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
+                      int64_t, int);
 int tm_dense_bf16dot();
 int tm_w4a8_vnni();
 int tm_w4a8_avx2();
@@ -134,6 +142,22 @@ inline float round_to(float v, const uint16_t*) {
   uint16_t b;
   store(&b, 0, v);
   return load(&b, 0);
+}
+
+// a[i] = silu(g[i]) * u[i] for i < n with torch's roundings (`F.silu(gate) * up` in T):
+// silu(x) = x * sigmoid(x) in float32, rounded to T, then the product rounded; sigmoid from
+// exp_neg of -|x| (no overflow): 1 / (1 + e) or e / (1 + e). pointwise.cpp's SiLU · up and
+// the matmuls' SiLU epilogue (w4a8.cpp, dense.cpp) share it, so they give the same bits.
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, T* a, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = load(g, i);
+    const float e = exp_neg(x < 0.f ? x : -x);
+    const float sig = (x < 0.f ? e : 1.f) / (1.f + e);
+    const float silu = round_to(x * sig, g);
+    store(a, i, silu * load(u, i));
+  }
 }
 
 // One group of 32 values quantized to int8 as llama.cpp's q8_0/Q8_1 blocks: d = max|x| / 127,

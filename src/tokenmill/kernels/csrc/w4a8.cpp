@@ -247,6 +247,23 @@ inline void tile(const uint8_t* w, const void* sc, int64_t G, const int8_t* xq, 
     tile_rows8<T, NR>(w, static_cast<const float*>(sc), G, xq, act, K, y, y_stride, nw, ns);
 }
 
+// tile() for nr rows (up to MB): the instance for that count.
+template <typename T, int BITS>
+inline void tile_n(int64_t nr, const uint8_t* w, const void* sc, int64_t G, const int8_t* xq,
+                   const Act* act, int64_t K, T* y, int64_t y_stride, const char* nw,
+                   const char* ns) {
+  switch (nr) {
+    case 1: tile<T, BITS, 1>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 2: tile<T, BITS, 2>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 3: tile<T, BITS, 3>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 4: tile<T, BITS, 4>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 5: tile<T, BITS, 5>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 6: tile<T, BITS, 6>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    case 7: tile<T, BITS, 7>(w, sc, G, xq, act, K, y, y_stride, nw, ns); break;
+    default: tile<T, BITS, MB>(w, sc, G, xq, act, K, y, y_stride, nw, ns);
+  }
+}
+
 #if TM_W4A8_AMX
 // AMX (Intel's tile matrix unit): one TDPBSSD multiplies a 16-row x 32 int8 tile of
 // activations (one group) by a 32 x 16-column tile of int8 weights into 16 x 16 int32 sums:
@@ -388,7 +405,11 @@ void amx_matmul(const int8_t* xq, const Act* act, int64_t M, int64_t K, const ui
 }
 #endif
 
-template <typename T, int BITS>
+// y = x @ W^T, or with GLU (W = [gate | up], N = 2I, I a multiple of 16) y = silu(gate) *
+// up [M, I]: the gate and up tiles of the same columns in one work item, their outputs
+// rounded to T in a buffer and combined (tmk::silu_mul_row), the bits of the matmul followed
+// by pointwise.cpp's SiLU · up without the [M, 2I] intermediate's pass over memory.
+template <typename T, int BITS, bool GLU = false>
 void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
                   const void* sc, int64_t N, T* y, int64_t y_stride, int threads) {
   const int64_t G = K / GS;
@@ -406,7 +427,17 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   quantize_rows(x, x_stride, M, K, xq, act, threads);
 #if TM_W4A8_AMX
   if (M >= amx_rows.load(std::memory_order_relaxed) && amx_permitted()) {
-    amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, y, y_stride, threads);
+    if constexpr (GLU) {  // the tile path's full output, then SiLU · up
+      thread_local std::vector<T> gu;
+      if (gu.size() < size_t(M * N)) gu.resize(size_t(M * N));
+      amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, gu.data(), N, threads);
+      const int64_t I = N / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t m = 0; m < M; ++m)
+        tmk::silu_mul_row(gu.data() + m * N, gu.data() + m * N + I, y + m * y_stride, I);
+    } else {
+      amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, y, y_stride, threads);
+    }
     return;
   }
 #endif
@@ -414,9 +445,11 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   // whose int8 rows stay in cache while the tiles' weights stream past.
   constexpr int64_t tile_bytes = BITS == 4 ? WB : WB8;
   constexpr int64_t tile_scales = 4 * TN;  // bytes per tile and group: (s, z) bf16 or d f32
-  const int64_t tiles = N / TN, chunks = (M + MC - 1) / MC;
+  // With GLU an item's tile t is the gate's, tile t + out_tiles the up projection's.
+  const int64_t tiles = N / TN, out_tiles = GLU ? tiles / 2 : tiles;
+  const int64_t chunks = (M + MC - 1) / MC;
   auto run_item = [&](int64_t item) {
-    const int64_t t = item % tiles, c = item / tiles;
+    const int64_t t = item % out_tiles, c = item / out_tiles;
     const uint8_t* wt = w + t * G * tile_bytes;
     const void* st = static_cast<const char*>(sc) + t * G * tile_scales;
     // The next tile's weights and scales towards the L2 while this one computes, spread over
@@ -428,24 +461,34 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
     // 1 or 2 rows an item is a few hundred cycles, too short to fetch ahead of: the hardware's
     // stream prefetch does better alone (batch-1 steps 2.5% slower with this).
     const int64_t rows = std::min(M, c * MC + MC) - c * MC;
-    const bool ahead = rows >= PF_ROWS && t + 1 < tiles;
+    const bool ahead = rows >= PF_ROWS && t + 1 < out_tiles;
     const char* nw = ahead ? reinterpret_cast<const char*>(wt + G * tile_bytes) : nullptr;
     const char* ns = ahead ? static_cast<const char*>(st) + G * tile_scales : nullptr;
+    if constexpr (GLU) {
+      // the up tile ahead while the gate computes, the next gate tile while the up does
+      const uint8_t* wu = wt + out_tiles * G * tile_bytes;
+      const void* su = static_cast<const char*>(st) + out_tiles * G * tile_scales;
+      const bool first_ahead = rows >= PF_ROWS;
+      for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
+        const int64_t nr = std::min(MB, M - m0);
+        const bool first = m0 == c * MC;
+        alignas(64) T g[MB * TN], u[MB * TN];
+        tile_n<T, BITS>(nr, wt, st, G, xq + m0 * K, act + m0 * G, K, g, TN,
+                        first && first_ahead ? reinterpret_cast<const char*>(wu) : nullptr,
+                        static_cast<const char*>(su));
+        tile_n<T, BITS>(nr, wu, su, G, xq + m0 * K, act + m0 * G, K, u, TN,
+                        first ? nw : nullptr, ns);
+        for (int64_t r = 0; r < nr; ++r)
+          tmk::silu_mul_row(g + r * TN, u + r * TN, y + (m0 + r) * y_stride + t * TN, TN);
+      }
+      return;
+    }
     for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
       const int8_t* q = xq + m0 * K;
       const Act* a = act + m0 * G;
       T* out = y + m0 * y_stride + t * TN;
       const char* pw = m0 == c * MC ? nw : nullptr;  // the first pass only
-      switch (std::min(MB, M - m0)) {
-        case 1: tile<T, BITS, 1>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 2: tile<T, BITS, 2>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 3: tile<T, BITS, 3>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 4: tile<T, BITS, 4>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 5: tile<T, BITS, 5>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 6: tile<T, BITS, 6>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        case 7: tile<T, BITS, 7>(wt, st, G, q, a, K, out, y_stride, pw, ns); break;
-        default: tile<T, BITS, MB>(wt, st, G, q, a, K, out, y_stride, pw, ns);
-      }
+      tile_n<T, BITS>(std::min(MB, M - m0), wt, st, G, q, a, K, out, y_stride, pw, ns);
     }
   };
   // With many rows an item is long (~2 us at 64 rows) and a thread's items run in order, so
@@ -456,10 +499,10 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   // rows the items are short and the static split costs nothing to hand out.
   if (std::min(M, MC) >= GUIDED_ROWS) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
-    for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
+    for (int64_t item = 0; item < chunks * out_tiles; ++item) run_item(item);
   } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < chunks * tiles; ++item) run_item(item);
+    for (int64_t item = 0; item < chunks * out_tiles; ++item) run_item(item);
   }
 }
 
@@ -514,5 +557,16 @@ TM_QUANT_MATMUL(tm_w4a8_matmul_bf16, uint16_t, 4, uint16_t)
 TM_QUANT_MATMUL(tm_w4a8_matmul_f32, float, 4, uint16_t)
 TM_QUANT_MATMUL(tm_w8a8_matmul_bf16, uint16_t, 8, float)
 TM_QUANT_MATMUL(tm_w8a8_matmul_f32, float, 8, float)
+
+// y [M, N/2] = silu(gate) * up of x @ [gate | up]^T (int4 weights; N / 2 a multiple of 16).
+void tm_w4a8_glu_bf16(const uint16_t* x, int64_t x_stride, int64_t M, int64_t K,
+                      const uint8_t* w, const uint16_t* sc, int64_t N, uint16_t* y,
+                      int64_t y_stride, int threads) {
+  quant_matmul<uint16_t, 4, true>(x, x_stride, M, K, w, sc, N, y, y_stride, threads);
+}
+void tm_w4a8_glu_f32(const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
+                     const uint16_t* sc, int64_t N, float* y, int64_t y_stride, int threads) {
+  quant_matmul<float, 4, true>(x, x_stride, M, K, w, sc, N, y, y_stride, threads);
+}
 
 }  // extern "C"
