@@ -32,6 +32,7 @@ from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.registry import get_model_class
 from tokenmill.runner.model_runner import ModelRunner
 from tokenmill.runner.watermark import WatermarkBias
+from tokenmill.runner.weight_arena import weights_in_huge_pages
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenmill.loading")
@@ -177,6 +178,8 @@ def load_model(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> LoadedModel:
         packed, dropped = prepare_cpu_weights(model)
         logger.info("CPU linear layers: %d dense weights packed, %d plain copies dropped",
                     packed, dropped)
+        if os.environ.get("TOKENMILL_HUGE_PAGES", "1") != "0":
+            weights_in_huge_pages(model)
         release_free_memory()
     logger.info("loaded %s (%s) on %s as %s in %.1fs", source.model_id,
                 type(model).__name__, device, str(dtype).removeprefix("torch."),

@@ -1,0 +1,125 @@
+"""`runner/weight_arena.py`: the native matmuls' weights copied into one mapping advised
+MADV_HUGEPAGE (2 MB pages), the layers pointed at the copies: the same results; nothing moves
+where transparent huge pages are off; loading does it unless TOKENMILL_HUGE_PAGES=0."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tokenmill.kernels.cpu import cpu_kernels
+from tokenmill.layers.dense import TiledWeight, prepare_cpu_weights
+from tokenmill.layers.linear import Linear
+from tokenmill.layers.quant import W4A8Weight
+from tokenmill.runner import weight_arena
+from tokenmill.runner.weight_arena import (
+    HUGE_PAGE,
+    huge_pages_available,
+    native_weight_buffers,
+    weights_in_huge_pages,
+)
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no native CPU kernels")
+
+
+class Mixed(nn.Module):
+    """A w4a8 layer, a dense bfloat16 one (tiles), a float16 one (neither: stays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.w4a8 = Linear(64, 48).to(torch.bfloat16)
+        self.dense = Linear(48, 32).to(torch.bfloat16)
+        self.fp16 = Linear(32, 16).to(torch.float16)
+        with torch.no_grad():
+            for m in (self.w4a8, self.dense, self.fp16):
+                m.weight.normal_()
+        self.w4a8.quant = W4A8Weight.quantize(self.w4a8.weight, torch.bfloat16)[0]
+        prepare_cpu_weights(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.dense(self.w4a8(x))
+        return h, self.fp16(h[:, :32].half())
+
+
+def _vma(addr: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding addr."""
+    fields: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if fields is not None:
+                break
+            if lo <= addr < hi:
+                fields = {"range": head}
+        elif fields is not None and ":" in head:
+            fields[head.rstrip(":")] = line.split(":", 1)[1].strip()
+    assert fields is not None, hex(addr)
+    return fields
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages")
+def test_native_weights_move_into_one_huge_page_arena() -> None:
+    model = Mixed()
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    before = model(x)
+    buffers = native_weight_buffers(model)
+    assert len(buffers) == 3  # w4a8 packed + scales, the dense tiles; not the float16 weight
+    old = [getattr(o, n) for o, n in buffers]
+    fp16 = model.fp16.weight
+    placed = weights_in_huge_pages(model)
+    new = [getattr(o, n) for o, n in buffers]
+    assert placed == sum(t.numel() * t.element_size() for t in old)
+    for a, b in zip(old, new):
+        assert b is not a and b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+        assert b.data_ptr() % 64 == 0
+    start = min(t.data_ptr() for t in new)
+    assert start % HUGE_PAGE == 0  # the arena starts on a 2 MB boundary, packed from there
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in new)
+    assert all(e <= s for (_, e), (s, _) in itertools.pairwise(spans))  # no overlaps
+    assert spans[-1][1] - start < placed + 64 * len(new)
+    vma = _vma(start)
+    assert vma.get("THPeligible") == "1", vma  # advised: the kernel may back it with 2 MB
+    assert _vma(spans[-1][1] - 1)["range"] == vma["range"]  # one mapping
+    assert model.fp16.weight is fp16
+    after = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert isinstance(model.dense.packed, TiledWeight)
+
+
+def test_nothing_moves_without_transparent_huge_pages(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    never = tmp_path / "enabled"
+    never.write_text("always madvise [never]\n")
+    monkeypatch.setattr(weight_arena, "THP_ENABLED", never)
+    assert not huge_pages_available()
+    model = Mixed()
+    old = [getattr(o, n) for o, n in native_weight_buffers(model)]
+    assert weights_in_huge_pages(model) == 0
+    assert all(getattr(o, n) is t for (o, n), t in zip(native_weight_buffers(model), old))
+    monkeypatch.setattr(weight_arena, "THP_ENABLED", tmp_path / "missing")
+    assert not huge_pages_available()
+    assert weight_arena.place_in_arena([]) is None
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages")
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_loading_places_the_default_models_weights(env: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmill.config import ModelConfig
+    from tokenmill.runner.loading import load_model
+
+    monkeypatch.setenv("TOKENMILL_HUGE_PAGES", env)
+    lm = load_model(ModelConfig())
+    buffers = native_weight_buffers(lm.model)
+    assert len(buffers) > 200  # 30 layers x 4 matmuls x (bytes, scales) and the int8 head
+    eligible = {_vma(getattr(o, n).data_ptr()).get("THPeligible") for o, n in buffers}
+    if env == "1":
+        assert eligible == {"1"}, eligible
+    elif "[madvise]" in weight_arena.THP_ENABLED.read_text():  # ("always": every mapping)
+        assert eligible == {"0"}, eligible
