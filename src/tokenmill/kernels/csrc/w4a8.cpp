@@ -47,7 +47,7 @@ constexpr int64_t MB = 2;
 constexpr int64_t MB = 8;
 #endif
 constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
-constexpr int64_t PF_ROWS = 4;      // rows per work item from which the next tile is prefetched
+constexpr int64_t GLU_ROWS = 4;     // rows from which the gate/up matmul takes the SiLU epilogue
 constexpr int64_t GUIDED_ROWS = 32; // rows per work item from which items are handed out guided
 
 #if defined(__AVX512F__)
@@ -429,12 +429,13 @@ void glu_in_two_steps(const T* x, int64_t x_stride, int64_t M, int64_t K, const 
 template <typename T, int BITS, bool GLU>
 void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
                   const void* sc, int64_t N, T* y, int64_t y_stride, int threads) {
-  // Below PF_ROWS rows a thread's items are too short for the software prefetch, and the
-  // epilogue's alternation between a gate tile and an up tile (two weight and two scale
-  // streams a thread) throws off the hardware's: the gate/up stage of a batch-1 decode step
-  // took ~30% longer than the plain matmul's single streams plus the SiLU pass (2026-12-03).
+  // Below GLU_ROWS rows the epilogue's alternation between a gate tile and an up tile (two
+  // weight and two scale streams a thread) threw off the hardware's prefetch: the gate/up
+  // stage of a batch-1 decode step took ~30% longer than the plain matmul's single streams
+  // plus the SiLU pass (2026-12-03, before the software prefetch ran at every row count;
+  // with it the two are even at 1-3 rows, so the two steps stay).
   if constexpr (GLU)
-    if (M < PF_ROWS)
+    if (M < GLU_ROWS)
       return glu_in_two_steps<T, BITS>(x, x_stride, M, K, w, sc, N, y, y_stride, threads);
   const int64_t G = K / GS;
   // The quantized rows are shared by every thread; the buffers are reused across calls.
@@ -482,23 +483,22 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
     // head's 28 MB stream from memory every step: 8, 16, 32 and 64 rows take it 1.15 ->
     // 0.95, 3.0 -> 1.9, 4.2 -> 3.2 and 6.7 -> 5.7 ms; decode steps of 4, 16, 32 and 64 rows
     // 4, 13, 7 and 3% less than with no prefetch below 32 rows and a bunched one above. With
-    // 1 or 2 rows an item is a few hundred cycles, too short to fetch ahead of: the hardware's
-    // stream prefetch does better alone (batch-1 steps 2.5% slower with this).
-    const int64_t rows = std::min(M, c * MC + MC) - c * MC;
-    const bool ahead = rows >= PF_ROWS && t + 1 < out_tiles;
+    // 1-3 rows it once lost 2.5% to the hardware's stream prefetch alone; with the weights in
+    // 2 MB pages (runner/weight_arena.py) decode steps of 1, 2 and 3 rows now gain 0-13%
+    // (2026-12-03: 1-3.6%, 9-13%, 9%; with 4 KB pages 2.4% and 9%).
+    const bool ahead = t + 1 < out_tiles;
     const char* nw = ahead ? reinterpret_cast<const char*>(wt + G * tile_bytes) : nullptr;
     const char* ns = ahead ? static_cast<const char*>(st) + G * tile_scales : nullptr;
     if constexpr (GLU) {
       // the up tile ahead while the gate computes, the next gate tile while the up does
       const uint8_t* wu = wt + out_tiles * G * tile_bytes;
       const void* su = static_cast<const char*>(st) + out_tiles * G * tile_scales;
-      const bool first_ahead = rows >= PF_ROWS;
       for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += MB) {
         const int64_t nr = std::min(MB, M - m0);
         const bool first = m0 == c * MC;
         alignas(64) T g[MB * TN], u[MB * TN];
         tile_n<T, BITS>(nr, wt, st, G, xq + m0 * K, act + m0 * G, K, g, TN,
-                        first && first_ahead ? reinterpret_cast<const char*>(wu) : nullptr,
+                        first ? reinterpret_cast<const char*>(wu) : nullptr,
                         static_cast<const char*>(su));
         tile_n<T, BITS>(nr, wu, su, G, xq + m0 * K, act + m0 * G, K, u, TN,
                         first ? nw : nullptr, ns);
