@@ -45,7 +45,8 @@ def main() -> None:
     model = llm.engine.core.runner.model
     buffers = native_weight_buffers(model)
     plain = [getattr(o, n) for o, n in buffers]
-    assert place_in_arena(buffers) is not None
+    if place_in_arena(buffers) is None:
+        raise SystemExit("no native weights to place (no native CPU kernels?)")
     huge = [getattr(o, n) for o, n in buffers]
     rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
     print(f"{len(buffers)} tensors, {sum(t.numel() * t.element_size() for t in huge) / 2**20:.0f}"

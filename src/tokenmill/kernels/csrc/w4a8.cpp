@@ -27,6 +27,7 @@
 
 #include "tm_kernels.h"
 #include "w4a8.h"
+#include "w4a8_amx.h"
 #include "w4a8_avx2.h"
 
 #include <algorithm>
@@ -46,7 +47,6 @@ constexpr int64_t MB = 2;
 #else
 constexpr int64_t MB = 8;
 #endif
-constexpr int64_t MC = 64;          // activation rows per work item (see w4a8_matmul)
 constexpr int64_t GLU_ROWS = 4;     // rows from which the gate/up matmul takes the SiLU epilogue
 constexpr int64_t GUIDED_ROWS = 32; // rows per work item from which items are handed out guided
 
@@ -264,147 +264,6 @@ inline void tile_n(int64_t nr, const uint8_t* w, const void* sc, int64_t G, cons
   }
 }
 
-#if TM_W4A8_AMX
-// AMX (Intel's tile matrix unit): one TDPBSSD multiplies a 16-row x 32 int8 tile of
-// activations (one group) by a 32 x 16-column tile of int8 weights into 16 x 16 int32 sums:
-// 8192 products, the work of 128 vpdpbusd. The sums are the integer t of the vector path
-// (weights made signed, q - 8 or q, instead of its + 8 / + 128 and correction), so the float
-// operations on them, per row and group acc = fma(float(t), s * d, acc) and, for int4,
-// acc = fma(z, d * sum(a8), acc), are the vector path's in the same order: the same bits,
-// whichever path a batch of rows takes. Those 3-4 float operations per row and group (the
-// vector path: 8 vpdpbusd more) are now the loop's cost.
-std::atomic<int64_t> amx_rows{16};  // the fewest rows that take the tile path
-
-// Linux grants a process the tiles' 8 KB of register state only on request, once.
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-// tmm0, tmm1: sums, 16 rows x 16 int32 (two, so that one group's products overlap the
-// previous group's float work); tmm2, tmm3: activations, 16 rows x 32 int8; tmm4, tmm5:
-// weights, 8 rows of 4 consecutive k x 16 columns (the vpdpbusd layout). Loaded by every
-// thread at every call: torch's oneDNN may have loaded its own configuration since.
-void configure_tiles() {
-  struct alignas(64) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 2; ++t) {
-    cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    cfg.rows[2 + t] = 16, cfg.colsb[2 + t] = GS;
-    cfg.rows[4 + t] = GS / 4, cfg.colsb[4 + t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// A tile's G groups of weights as signed int8 tiles, 512 bytes a group: int4 q - 8 from the
-// nibbles (vector j: k-quads j and j + 4), int8 q from q + 128 (vector c: k-quad c).
-template <int BITS>
-void signed_tile(const uint8_t* w, int64_t G, int8_t* out) {
-  const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i* o = reinterpret_cast<__m512i*>(out + g * 512);
-    if constexpr (BITS == 4) {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(w + g * WB + 64 * j);
-        _mm512_store_si512(o + j, _mm512_sub_epi8(_mm512_and_si512(v, nib), eight));
-        _mm512_store_si512(o + 4 + j, _mm512_sub_epi8(
-            _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), eight));
-      }
-    } else {
-      for (int c = 0; c < 8; ++c)
-        _mm512_store_si512(o + c, _mm512_xor_si512(_mm512_loadu_si512(w + g * WB8 + 64 * c), flip));
-    }
-  }
-}
-
-// Group g's sums for the 16 rows at xq into tile C (A, B: its operand tiles), then into buf
-// (16 x 16 int32). A macro: the tile intrinsics take register numbers as literals.
-#define TM_GROUP_SUMS(C, A, B, g, buf)          \
-  do {                                          \
-    _tile_zero(C);                              \
-    _tile_loadd(A, xq + (g) * GS, K);           \
-    _tile_loadd(B, wt + (g) * 512, 64);         \
-    _tile_dpbssd(C, A, B);                      \
-    _tile_stored(C, buf, 64);                   \
-  } while (0)
-
-// 16 rows (from m0; those past M are computed from padding and not stored) x one tile of
-// 16 output columns. wt: signed_tile's groups; sc: the tile's scales.
-template <typename T, int BITS>
-void amx_rows16(const int8_t* xq, const Act* act, int64_t K, int64_t G, const int8_t* wt,
-                const void* sc, int64_t rows, T* y, int64_t y_stride) {
-  alignas(64) int32_t sums[2][16 * 16];
-  __m512 acc[16];
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-  const __m512i top = _mm512_set1_epi32(int32_t(0xFFFF0000u));
-  TM_GROUP_SUMS(0, 2, 4, 0, sums[0]);
-  for (int64_t g = 0; g < G; ++g) {
-    const int b = int(g & 1);
-    if (g + 1 < G) {  // the next group's products while this one's float work runs
-      if (b) TM_GROUP_SUMS(0, 2, 4, g + 1, sums[0]);
-      else TM_GROUP_SUMS(1, 3, 5, g + 1, sums[1]);
-    }
-    const int32_t* t = sums[b];
-    if constexpr (BITS == 4) {
-      const __m512i szv = _mm512_loadu_si512(static_cast<const uint16_t*>(sc) + g * 2 * TN);
-      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(szv, 16));
-      const __m512 z = _mm512_castsi512_ps(_mm512_and_si512(szv, top));
-      for (int r = 0; r < 16; ++r) {
-        const Act& p = act[r * G + g];
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_load_si512(t + 16 * r));
-        acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(p.d)), acc[r]);
-        acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(p.dsum), acc[r]);
-      }
-    } else {
-      const __m512 d = _mm512_loadu_ps(static_cast<const float*>(sc) + g * TN);
-      for (int r = 0; r < 16; ++r) {
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_load_si512(t + 16 * r));
-        acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(d, _mm512_set1_ps(act[r * G + g].d)), acc[r]);
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    alignas(64) float out[TN];
-    _mm512_store_ps(out, acc[r]);
-    for (int64_t c = 0; c < TN; ++c) from_float(y + r * y_stride + c, out[c]);
-  }
-}
-
-// quant_matmul's tile path: items (chunk of MC rows, tile), each making its tile's weights
-// signed once for its chunk's 16-row blocks.
-template <typename T, int BITS>
-void amx_matmul(const int8_t* xq, const Act* act, int64_t M, int64_t K, const uint8_t* w,
-                const void* sc, int64_t N, T* y, int64_t y_stride, int threads) {
-  const int64_t G = K / GS, tiles = N / TN, chunks = (M + MC - 1) / MC;
-  constexpr int64_t tile_bytes = BITS == 4 ? WB : WB8;
-#pragma omp parallel num_threads(threads)
-  {
-    configure_tiles();
-    struct alignas(64) Line { int8_t b[64]; };
-    thread_local std::vector<Line> wbuf;  // 8 lines a group
-    if (wbuf.size() < size_t(G * 8)) wbuf.resize(size_t(G * 8));
-    int8_t* wt = reinterpret_cast<int8_t*>(wbuf.data());
-#pragma omp for schedule(guided)
-    for (int64_t item = 0; item < chunks * tiles; ++item) {
-      const int64_t t = item % tiles, c = item / tiles;
-      signed_tile<BITS>(w + t * G * tile_bytes, G, wt);
-      const void* st = static_cast<const char*>(sc) + t * G * 4 * TN;
-      for (int64_t m0 = c * MC; m0 < std::min(M, c * MC + MC); m0 += 16)
-        amx_rows16<T, BITS>(xq + m0 * K, act + m0 * G, K, G, wt, st,
-                            std::min<int64_t>(16, M - m0), y + m0 * y_stride + t * TN,
-                            y_stride);
-    }
-    _tile_release();
-  }
-}
-#endif
-
 // y = x @ W^T, or with GLU (W = [gate | up], N = 2I, I a multiple of 16) y = silu(gate) *
 // up [M, I]: the gate and up tiles of the same columns in one work item, their outputs
 // rounded to T in a buffer and combined (tmk::silu_mul_row), the bits of the matmul followed
@@ -413,17 +272,20 @@ template <typename T, int BITS, bool GLU = false>
 void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
                   const void* sc, int64_t N, T* y, int64_t y_stride, int threads);
 
-// GLU as the full [M, N] product, then SiLU · up row by row: the same bits as the epilogue.
-template <typename T, int BITS>
-void glu_in_two_steps(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w,
-                      const void* sc, int64_t N, T* y, int64_t y_stride, int threads) {
+// A GLU computed in two steps: the full [M, N = 2I] product into a reused per-thread buffer,
+// then SiLU · up row by row (pointwise.cpp's row function): the epilogue's bits.
+template <typename T>
+T* glu_buffer(int64_t M, int64_t N) {
   thread_local std::vector<T> gu;
   if (gu.size() < size_t(M * N)) gu.resize(size_t(M * N));
-  quant_matmul<T, BITS>(x, x_stride, M, K, w, sc, N, gu.data(), N, threads);
+  return gu.data();
+}
+template <typename T>
+void silu_mul_rows(const T* gu, int64_t M, int64_t N, T* y, int64_t y_stride, int threads) {
   const int64_t I = N / 2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (M * I >= 16384)
   for (int64_t m = 0; m < M; ++m)
-    tmk::silu_mul_row(gu.data() + m * N, gu.data() + m * N + I, y + m * y_stride, I);
+    tmk::silu_mul_row(gu + m * N, gu + m * N + I, y + m * y_stride, I);
 }
 
 template <typename T, int BITS, bool GLU>
@@ -435,8 +297,12 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
   // plus the SiLU pass (2026-12-03, before the software prefetch ran at every row count;
   // with it the two are even at 1-3 rows, so the two steps stay).
   if constexpr (GLU)
-    if (M < GLU_ROWS)
-      return glu_in_two_steps<T, BITS>(x, x_stride, M, K, w, sc, N, y, y_stride, threads);
+    if (M < GLU_ROWS) {
+      T* gu = glu_buffer<T>(M, N);
+      quant_matmul<T, BITS>(x, x_stride, M, K, w, sc, N, gu, N, threads);
+      silu_mul_rows(gu, M, N, y, y_stride, threads);
+      return;
+    }
   const int64_t G = K / GS;
   // The quantized rows are shared by every thread; the buffers are reused across calls.
   // They only grow: resizing a vector up value-initializes the new part, a memset that cost
@@ -453,13 +319,9 @@ void quant_matmul(const T* x, int64_t x_stride, int64_t M, int64_t K, const uint
 #if TM_W4A8_AMX
   if (M >= amx_rows.load(std::memory_order_relaxed) && amx_permitted()) {
     if constexpr (GLU) {  // the tile path's full output, then SiLU · up
-      thread_local std::vector<T> gu;
-      if (gu.size() < size_t(M * N)) gu.resize(size_t(M * N));
-      amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, gu.data(), N, threads);
-      const int64_t I = N / 2;
-#pragma omp parallel for schedule(static) num_threads(threads)
-      for (int64_t m = 0; m < M; ++m)
-        tmk::silu_mul_row(gu.data() + m * N, gu.data() + m * N + I, y + m * y_stride, I);
+      T* gu = glu_buffer<T>(M, N);
+      amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, gu, N, threads);
+      silu_mul_rows(gu, M, N, y, y_stride, threads);
     } else {
       amx_matmul<T, BITS>(xq, act, M, K, w, sc, N, y, y_stride, threads);
     }

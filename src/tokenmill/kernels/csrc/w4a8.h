@@ -27,6 +27,7 @@ constexpr int64_t GS = 32;          // quantization group along K (weights and a
 constexpr int64_t TN = 16;          // output rows per tile
 constexpr int64_t WB = TN * GS / 2;  // packed int4 weight bytes per tile and group
 constexpr int64_t WB8 = TN * GS;     // packed int8 weight bytes per tile and group
+constexpr int64_t MC = 64;           // activation rows per work item (a chunk of rows)
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t b) { return tmk::bf16_to_float(b); }
