@@ -85,6 +85,7 @@ def test_native_weights_move_into_one_huge_page_arena() -> None:
     assert spans[-1][1] - start < placed + 64 * len(new)
     vma = _vma(start)
     assert vma.get("THPeligible") == "1", vma  # advised: the kernel may back it with 2 MB
+    assert "hg" in vma["VmFlags"].split()
     assert _vma(spans[-1][1] - 1)["range"] == vma["range"]  # one mapping
     assert model.fp16.weight is fp16
     after = model(x)
@@ -118,8 +119,12 @@ def test_loading_places_the_default_models_weights(env: str,
     lm = load_model(ModelConfig())
     buffers = native_weight_buffers(lm.model)
     assert len(buffers) > 200  # 30 layers x 4 matmuls x (bytes, scales) and the int8 head
-    eligible = {_vma(getattr(o, n).data_ptr()).get("THPeligible") for o, n in buffers}
+    vmas = [_vma(getattr(o, n).data_ptr()) for o, n in buffers]
+    # VmFlags "hg": the mapping was advised MADV_HUGEPAGE. (Not THPeligible: where a smaller
+    # mTHP size is `always`, any large anonymous mapping is eligible, advised or not.)
+    advised = {"hg" in v["VmFlags"].split() for v in vmas}
     if env == "1":
-        assert eligible == {"1"}, eligible
-    elif "[madvise]" in weight_arena.THP_ENABLED.read_text():  # ("always": every mapping)
-        assert eligible == {"0"}, eligible
+        assert advised == {True} and len({v["range"] for v in vmas}) == 1
+        assert {v.get("THPeligible") for v in vmas} == {"1"}
+    else:
+        assert advised == {False}
