@@ -128,3 +128,5 @@ def test_plan_and_lora_add_match_naive(case: str, path: str,
     assert (plan.cpu_meta is not None) == (path == "cpu-kernel")
     if path == "cpu-kernel":
         assert calls == [1]
+    with pytest.raises(ValueError, match="plan made for 13 tokens, batch has 2"):
+        lora_add_(y[:2], x[:2], plan, a_stack, b_scaled)  # another step's plan: refused

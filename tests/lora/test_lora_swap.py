@@ -114,3 +114,25 @@ def test_lora_rows_over_the_int8_kv_cache(adapter_dirs) -> None:
         solo.update(run(eng, [row]))
     assert run(eng, rows) == solo
     assert len({tuple(v) for (i, _), v in solo.items() if i == 0}) == 3
+
+
+def test_unloading_the_last_adapter_leaves_no_plan_behind(adapter_dirs) -> None:
+    """An engine started without adapters hot-loads one, finishes a step whose adapter row is
+    row 1 (a base request beside it), and unloads it. The linears keep their LoRA stacks; the
+    next steps must not see that step's plan: it once made the native kernel add into row 1
+    of a one-row decode step (heap corruption, the engine aborted), and kept every later step
+    off the fused stack."""
+    from tokenmill.llm import LLM
+
+    eng = LLM(max_batch_total_tokens=4096).engine  # defaults: w4a8 and the fused stack
+    stack = eng.core.runner.model.fused_stack
+    assert stack is not None
+    base = run(eng, [(1, None)])[(1, None)]
+    eng.load_adapter("late", str(adapter_dirs["all8"]))
+    both = run(eng, [(0, "late"), (0, None)])
+    assert both[(0, "late")] != both[(0, None)]
+    eng.unload_adapter("late")
+    fused: list[int] = []
+    stack.run = lambda *a, f=stack.run, **k: fused.append(1) or f(*a, **k)  # type: ignore
+    assert run(eng, [(1, None)])[(1, None)] == base
+    assert len(fused) == PARAMS.max_new_tokens  # every step: the prefill and each decode

@@ -173,5 +173,7 @@ class LoraManager:
         linear.lora = ll
         return ll
 
-    def set_batch(self, token_slots: list[int]) -> None:
-        self.batch.plan = make_plan(token_slots, self.device)
+    def set_batch(self, token_slots: list[int] | None) -> None:
+        """This step's plan, shared by every LoRA linear; None (or no slot used): no rows
+        with an adapter. Set every step: a stale plan names rows of another batch."""
+        self.batch.plan = None if token_slots is None else make_plan(token_slots, self.device)

@@ -156,6 +156,7 @@ class LoraPlan:
     # and a float32 scratch the kernel reuses for every linear of the step (grown on demand).
     cpu_meta: torch.Tensor | None = None
     scratch: torch.Tensor | None = None
+    num_tokens: int = -1  # the step's T: a plan serves only the batch it was made for
 
 
 def use_triton(device: torch.device) -> bool:
@@ -217,7 +218,7 @@ def make_plan(token_slots: list[int], device: torch.device, triton: bool | None 
                     first_row=first_row,
                     gather=gather, pad=pad, max_count=max_count,
                     identity=len(slots) == 1 and len(rows) == len(token_slots), blocks=blocks,
-                    cpu_meta=cpu_meta)
+                    cpu_meta=cpu_meta, num_tokens=len(token_slots))
 
 
 @lru_cache(maxsize=64)
@@ -231,6 +232,10 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, plan: LoraPlan, a_stack: torch.T
 
     x [T, in], y [T, out], a_stack [S, R, in], b_stack [S, out, R]. `chunks`: the CPU kernel's
     column blocks (`lora_chunks`: a fused linear's block-diagonal B skips its zeros)."""
+    if plan.num_tokens >= 0 and plan.num_tokens != x.shape[0]:
+        # The kernels index x and y by the plan's rows unchecked: another step's plan would
+        # read and write past them.
+        raise ValueError(f"LoRA plan made for {plan.num_tokens} tokens, batch has {x.shape[0]}")
     if plan.blocks is not None and x.is_cuda:  # the plan chose Triton (see `make_plan`)
         return lora_add_triton_(y, x, plan, a_stack, b_stack)
     if plan.cpu_meta is not None and (k := cpu_kernels()) and k.supports_lora(x, y, a_stack,

@@ -138,9 +138,10 @@ class ModelRunner:
             block_tables=[c.block_ids for c in chunks],
             block_size=self.block_size, sliding_window=self.model.cfg.sliding_window,
             device=self.device)
-        if self.lora.host:
-            self.lora.set_batch([self.states[c.request_id].lora_slot
-                                 for c in chunks for _ in c.token_ids])
+        # Every step: once the last adapter is unloaded, the linears keep their LoRA stacks
+        # and must not see the previous step's plan.
+        self.lora.set_batch([self.states[c.request_id].lora_slot for c in chunks
+                             for _ in c.token_ids] if self.lora.host else None)
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         self._start_grammar_masks(batch)  # on a worker thread, overlapping the forward pass
