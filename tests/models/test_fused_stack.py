@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,7 +70,7 @@ def test_fused_step_equals_layer_by_layer(arch: str, dtype: str, kv: str, quanti
     def both(ids: list[int], pos: list[int], meta: AttentionMetadata) -> torch.Tensor:
         """The step through the fused stack, then again layer by layer from the same cache:
         the same kernels in the same order (the layers call them too), so the same bits."""
-        assert stack.takes(torch.empty(len(ids), 1), meta)
+        assert stack.takes(len(ids), meta)
         before = cache.clone()
         fused = _forward(model, ids, pos, meta)
         after_fused = cache.clone()
@@ -123,22 +122,24 @@ def test_steps_it_does_not_take(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     model = _model("llama", "float32", tmp_path)
     stack = model.fused_stack
     assert stack is not None
-    x = torch.empty(1, 1)
-    assert stack.takes(torch.empty(3, 1), _meta(model, [3], [3], [[0]]))  # a prefill
-    assert stack.takes(torch.empty(3, 1), _meta(model, [1, 2], [5, 6], [[0, 1], [2, 3]]))
+    assert stack.takes(3, _meta(model, [3], [3], [[0]]))  # a prefill
+    assert stack.takes(3, _meta(model, [1, 2], [5, 6], [[0, 1], [2, 3]]))
     gpu_like = _meta(model, [1], [3], [[0]])
     gpu_like.rows = None  # what a CUDA step's metadata has
-    assert not stack.takes(x, gpu_like)
+    assert not stack.takes(1, gpu_like)
     many = W4A8Weight.max_rows + 1
     wide = _meta(model, [1] * many, [2] * many, [[i] for i in range(many)])
-    assert not stack.takes(torch.empty(many, 1), wide)  # more rows than the kernels' regime
+    assert not stack.takes(many, wide)  # more rows than the kernels' regime
     decode = _meta(model, [1], [3], [[0]])
-    assert stack.takes(x, decode)
-    lora = SimpleNamespace(batch=SimpleNamespace(plan=object()))
-    model.layers[1].mlp.down_proj.lora = lora  # type: ignore[assignment]
-    assert not stack.takes(x, decode)  # a row uses an adapter
-    lora.batch.plan = None
-    assert stack.takes(x, decode)
+    assert stack.takes(1, decode)
+    from tokenmill.lora.manager import LoraManager
+
+    lora = LoraManager(model, torch.device("cpu"))  # the runner's: it hands the model its plan
+    assert model.lora_batch is lora.batch
+    lora.batch.plan = object()  # type: ignore[assignment]
+    assert not stack.takes(1, decode)  # a row uses an adapter
+    lora.set_batch([-1])
+    assert lora.batch.plan is None and stack.takes(1, decode)
 
 
 def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None:
@@ -149,6 +150,11 @@ def test_out_of_table_position_raises_and_writes_nothing(tmp_path: Path) -> None
     with pytest.raises(IndexError, match="outside the rotary table"):
         _forward(model, [5], [model.cfg.max_position_embeddings + 4], meta)
     assert torch.equal(cache, before)
+    vocab = model.cfg.vocab_size
+    for bad in (vocab, -1):  # the embedding lookup is in the native call: ids are checked
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the embeddings"):
+            _forward(model, [5, bad], [2, 3], _meta(model, [2], [4], [[0]]))
+        assert torch.equal(cache, before)
 
 
 @pytest.mark.parametrize("arch,quantize", [("llama", "int4"), ("qwen3", "w4a8"),
@@ -165,7 +171,7 @@ def test_dense_stack_takes_steps_of_any_size(tmp_path: Path,
     stack = model.fused_stack
     assert stack is not None and not stack.w4a8
     many = 9
-    assert stack.takes(torch.empty(many, 1), _meta(model, [many], [many], [[0, 1, 2]]))
+    assert stack.takes(many, _meta(model, [many], [many], [[0, 1, 2]]))
 
 
 def test_stage_timing_changes_nothing(tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ class LoraManager:
         self.device = device
         self.dtype = model.embed_tokens.weight.dtype
         self.batch = LoraBatch()
+        model.lora_batch = self.batch  # the fused stack takes only steps without LoRA rows
         self.host: dict[str, LoraAdapter] = {}
         self.slot_names: list[str | None] = []  # what each device slot holds
         self.rank = 0  # the block rank of the stacks: the largest rank ever activated

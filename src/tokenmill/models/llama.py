@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.fused_stack import FusedStack
+
+if TYPE_CHECKING:
+    from tokenmill.lora.manager import LoraBatch
 
 
 @dataclass(frozen=True)
@@ -188,22 +191,24 @@ class LlamaForCausalLM(nn.Module):
         # Steps of a w4a8 model on CPU: the layers in one native call (set when
         # the cache is bound, if the model qualifies).
         self.fused_stack: FusedStack | None = None
+        # Set by the LoRA manager: its per-step plan, shared by every LoRA linear (its `plan`
+        # None: no row of this step uses an adapter).
+        self.lora_batch: LoraBatch | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata, out_rows: list[int] | None = None) -> torch.Tensor:
         """Returns the final hidden states [T, hidden], or those of `out_rows` (ascending row
         indices: the rows that will be projected); `compute_logits` projects them. The fused
         stack then skips the other rows' work after the last layer's cache write."""
+        if self.fused_stack is not None and self.fused_stack.takes(input_ids.shape[0], meta):
+            return self.fused_stack.run(input_ids, positions, meta, out_rows)  # all of it
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        if self.fused_stack is not None and self.fused_stack.takes(x, meta):
-            x, residual = self.fused_stack.run(x, positions, meta, out_rows)
-        else:
-            for layer in self.layers:
-                x, residual = layer(positions, x, residual, meta)
-            if out_rows is not None and len(out_rows) < x.shape[0]:
-                keep = torch.tensor(out_rows, dtype=torch.long, device=x.device)
-                x, residual = x[keep], None if residual is None else residual[keep]
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        if out_rows is not None and len(out_rows) < x.shape[0]:
+            keep = torch.tensor(out_rows, dtype=torch.long, device=x.device)
+            x, residual = x[keep], None if residual is None else residual[keep]
         x, _ = self.norm(x, residual)
         return x
 

@@ -41,6 +41,9 @@ struct TmStack {
   const void* sin;
   int64_t n_positions;
   int64_t kv_int8;  // 1: the int8 cache (--kv-cache-dtype int8)
+  const void* embed;       // the token embeddings [vocab, H] (read when a step gives ids)
+  int64_t vocab;
+  const void* final_norm;  // the final RMSNorm's weight [H] (applied when a step gives out)
 };
 
 struct TmStep {
@@ -72,6 +75,12 @@ struct TmStep {
   // attention, o, norm, gate/up, SiLU * up, down: fused_stack.STAGES), for
   // benchmarks/step_stages.py.
   double* stage_seconds;
+  // Null, or the step's token ids [M]: x is then their embeddings' rows (every id checked
+  // first) instead of an input.
+  const int64_t* ids;
+  // Null, or [n_out, H]: the final norm of the output rows (x + residual), what the model
+  // hands the LM head.
+  void* out;
 };
 
 namespace {
@@ -183,7 +192,8 @@ Step output_rows(const Step& s, T* qkv, T* res, int64_t NQKV, int64_t H) {
   return rows;
 }
 
-// Returns -1, or the row whose position is outside the rotary table (nothing written then).
+// Returns -1; or the row whose position is outside the rotary table; or -2 - the row whose
+// token id is outside the embeddings (nothing written then, in the cache or out).
 // E: the cache's element (T, or int8_t).
 template <typename T, typename E>
 int64_t run(const Layer* layers, const Stack& c, const Step& s) {
@@ -194,6 +204,12 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
   T* qkv = static_cast<T*>(s.qkv);
   T* gu = static_cast<T*>(s.gu);
   T* act = static_cast<T*>(s.act);
+  if (s.ids) {  // the embedding lookup: a copy of each id's row
+    for (int64_t m = 0; m < M; ++m)
+      if (s.ids[m] < 0 || s.ids[m] >= c.vocab) return -2 - m;
+    const T* e = static_cast<const T*>(c.embed);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * H, e + s.ids[m] * H, H * sizeof(T));
+  }
   Clock clock(s.stage_seconds);
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers[l];
@@ -234,6 +250,10 @@ int64_t run(const Layer* layers, const Stack& c, const Step& s) {
     clock.mark(7);
     matmul(act, R, c.I, L.down_w, L.down_s, H, x, s.threads);
     clock.mark(8);
+  }
+  if (s.out) {  // the final norm, as the model's RMSNorm computes it (the same kernel)
+    const int64_t R = s.out_rows && s.n_out < M ? s.n_out : M;
+    norm(x, res, res, c.final_norm, static_cast<T*>(s.out), R, H, c.eps, s.threads);
   }
   return -1;
 }
