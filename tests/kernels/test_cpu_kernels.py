@@ -490,6 +490,8 @@ def test_argmax_is_torchs_first_largest(dtype: torch.dtype) -> None:
         assert kern.supports_argmax(x)
         assert torch.equal(kern.argmax(x), x.float().argmax(dim=-1))
     assert torch.equal(kern.argmax(wide[4:5, :1000]), kern.argmax(wide[:, :1000])[4:5])
+    for n in (1000, 1, 1100, 5000):  # the first n columns (a padded head's logits)
+        assert torch.equal(kern.argmax(wide, n), wide[:, :n].float().argmax(dim=-1))
 
 
 def test_ctypes_signatures_come_from_the_header() -> None:

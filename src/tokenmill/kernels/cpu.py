@@ -129,11 +129,12 @@ class CpuKernels:
         return (x.dtype in self._argmax and x.device.type == "cpu" and x.dim() == 2
                 and x.stride(1) == 1 and x.shape[1] < 2**31)
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, n] (rows contiguous, any row stride) -> int64 [B], the first largest of each
-        row: torch.argmax's answer wherever a row has no NaN."""
+    def argmax(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """x [B, n'] (rows contiguous, any row stride) -> int64 [B], the first largest of each
+        row's first n columns (all: None): torch.argmax's answer wherever a row has no NaN."""
+        cols = x.shape[1] if n is None else min(n, x.shape[1])
         out = torch.empty(x.shape[0], dtype=torch.int64)
-        self._argmax[x.dtype](x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+        self._argmax[x.dtype](x.data_ptr(), x.stride(0), x.shape[0], cols,
                               out.data_ptr(), torch.get_num_threads())
         return out
 

@@ -195,22 +195,26 @@ class ModelRunner:
         return b
 
     def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[b.sample_rows])  # the sampler widens it
+        rows = b.sample_rows
+        # A decode step samples every row in order: no gather (an index op, slow this cold).
+        picked = (hidden if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
+                  else hidden[rows])
+        logits = self.model.compute_logits(picked)  # the sampler widens it
         if b.grammar_job is not None and self._masker is not None:
             logits = logits.float()
             # Masked before the sampler, so reported logprobs are of the model's distribution
             # renormalized over what the grammar allows (vLLM's choice; TGI's are of the fully
             # processed distribution). Penalties and temperature stay out of them, as elsewhere.
             apply_bias_(logits, self._masker.bias(b.grammar_job), b.grammar_rows)
-        rows = []
+        params = []
         for rid in b.sample_ids:
             st = self.states[rid]
             # A grammar decides where EOS may come; min_new_tokens does not mask it then.
-            rows.append(SamplingRow(params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
+            params.append(SamplingRow(params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
                                     output_token_ids=st.output,
                                     stop_token_ids=st.stop_token_ids if st.matcher is None
                                     else []))
-        result = self.sampler.sample(logits, self.sampler.prepare(rows))
+        result = self.sampler.sample(logits, self.sampler.prepare(params))
         for rid, tok, lp in zip(b.sample_ids, result.token_ids, result.logprobs):
             st = self.states[rid]
             st.output.append(tok)

@@ -246,10 +246,10 @@ class Sampler:
 
     def _argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's first largest among its first vocab_size columns, as int64 [B]."""
-        x = x[:, : self.vocab_size]
         if self._kernels is not None and self._kernels.supports_argmax(x):
-            return self._kernels.argmax(x)  # ~6x torch's on float32, ~25x on bfloat16
-        return x.float().argmax(dim=-1)
+            # ~6x torch's on float32, ~25x on bfloat16; no slice (a view op, slow when cold)
+            return self._kernels.argmax(x, self.vocab_size)
+        return x[:, : self.vocab_size].float().argmax(dim=-1)
 
     def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """One token per row. ``logits``: ``[B, V']`` with ``V' >= vocab_size``, any float dtype."""
