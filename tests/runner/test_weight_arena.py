@@ -106,6 +106,18 @@ def test_nothing_moves_without_transparent_huge_pages(tmp_path: Path,
     monkeypatch.setattr(weight_arena, "THP_ENABLED", tmp_path / "missing")
     assert not huge_pages_available()
     assert weight_arena.place_in_arena([]) is None
+    # multi-size THP: the 2 MB size off on its own turns the arena off; `inherit` or no
+    # per-size file leaves it to the global setting
+    madvise, size = tmp_path / "madvise", tmp_path / "2048kB"
+    madvise.write_text("always [madvise] never\n")
+    monkeypatch.setattr(weight_arena, "THP_ENABLED", madvise)
+    monkeypatch.setattr(weight_arena, "THP_2MB_ENABLED", size)
+    assert huge_pages_available()  # no per-size file
+    size.write_text("always inherit madvise [never]\n")
+    assert not huge_pages_available()
+    assert weights_in_huge_pages(Mixed()) == 0
+    size.write_text("always [inherit] madvise never\n")
+    assert huge_pages_available()
 
 
 @pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages")

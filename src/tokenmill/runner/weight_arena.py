@@ -26,17 +26,25 @@ logger = logging.getLogger("tokenmill.loading")
 HUGE_PAGE = 1 << 21
 ALIGN = 64  # each tensor starts on a cache line
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# Kernels with multi-size THP (6.8+) also set each size on its own: `inherit` follows the
+# line above, `never` turns 2 MB pages off whatever it says.
+THP_2MB_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/enabled")
 
 
 def huge_pages_available() -> bool:
     """Whether a MADV_HUGEPAGE mapping can get 2 MB pages here: Linux with transparent huge
-    pages in `always` or `madvise` mode."""
+    pages in `always` or `madvise` mode, and the 2 MB size not turned off on its own."""
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
-        return "[never]" not in THP_ENABLED.read_text()
+        if "[never]" in THP_ENABLED.read_text():
+            return False
     except OSError:
         return False
+    try:
+        return "[never]" not in THP_2MB_ENABLED.read_text()
+    except OSError:  # no per-size settings: the line above decides
+        return True
 
 
 def native_weight_buffers(model: nn.Module) -> list[tuple[object, str]]:
