@@ -60,6 +60,14 @@ class _Step(ctypes.Structure):
 STAGES = ("norm", "qkv", "rotary", "attention", "o", "norm2", "gate_up", "silu_mul", "down")
 
 
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous int64 (itself when it is: a no-op `.to()` still costs a dispatch)."""
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    assert t.is_contiguous()
+    return t
+
+
 def _decoder_layers(model: LlamaForCausalLM) -> list[DecoderLayer]:
     return cast("list[DecoderLayer]", list(model.layers))
 
@@ -178,14 +186,7 @@ class FusedStack:
         rows = meta.rows
         assert rows is not None
         m = ids.shape[0]
-        if ids.dtype != torch.int64:
-            ids = ids.to(torch.int64)
-        if positions.dtype != torch.int64:
-            positions = positions.to(torch.int64)
-        slots = meta.slot_mapping
-        if slots.dtype != torch.int64:
-            slots = slots.to(torch.int64)
-        assert ids.is_contiguous() and positions.is_contiguous() and slots.is_contiguous()
+        ids, positions, slots = (_int64(t) for t in (ids, positions, meta.slot_mapping))
         assert rows.tables.is_contiguous()
         x, residual, h, qkv, gu, act = self._buffers(m)
         threads = torch.get_num_threads()

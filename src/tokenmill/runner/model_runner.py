@@ -195,7 +195,7 @@ class ModelRunner:
         return b
 
     def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
-        rows = b.sample_rows
+        rows = b.sample_rows  # ascending and distinct, so these two tests mean "all rows"
         # A decode step samples every row in order: no gather (an index op, slow this cold).
         picked = (hidden if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
                   else hidden[rows])
@@ -206,15 +206,15 @@ class ModelRunner:
             # renormalized over what the grammar allows (vLLM's choice; TGI's are of the fully
             # processed distribution). Penalties and temperature stay out of them, as elsewhere.
             apply_bias_(logits, self._masker.bias(b.grammar_job), b.grammar_rows)
-        params = []
+        sampling_rows = []
         for rid in b.sample_ids:
             st = self.states[rid]
             # A grammar decides where EOS may come; min_new_tokens does not mask it then.
-            params.append(SamplingRow(params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
-                                    output_token_ids=st.output,
-                                    stop_token_ids=st.stop_token_ids if st.matcher is None
-                                    else []))
-        result = self.sampler.sample(logits, self.sampler.prepare(params))
+            sampling_rows.append(SamplingRow(
+                params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
+                output_token_ids=st.output,
+                stop_token_ids=st.stop_token_ids if st.matcher is None else []))
+        result = self.sampler.sample(logits, self.sampler.prepare(sampling_rows))
         for rid, tok, lp in zip(b.sample_ids, result.token_ids, result.logprobs):
             st = self.states[rid]
             st.output.append(tok)

@@ -55,7 +55,7 @@ struct TmStep {
   const int64_t* row_seq;  // [M] each row's sequence
   const int64_t* bounds;   // [M, 2] each row's key positions [start, end)
   int64_t max_keys;
-  void* x;         // in: the embeddings [M, H]; out: the last layer's MLP output
+  void* x;         // in: the embeddings [M, H] (ids: filled here); out: the last MLP's
   void* residual;  // out: the residual stream [M, H]
   void* h;         // scratch [M, max(H, Hq * D)]
   void* qkv;       // scratch [M, (Hq + 2 Hk) * D]
