@@ -18,7 +18,12 @@ from pytest_child import run_ptx_child, run_pytest_child
 from tokenmill.kernels.triton_support import triton_available
 from tokenmill.layers import kv_int8
 from tokenmill.layers import triton_attention as ta
-from tokenmill.layers.attention import TorchPagedAttention, get_attention_backend, to_cache_dtype
+from tokenmill.layers.attention import (
+    DeviceRows,
+    TorchPagedAttention,
+    get_attention_backend,
+    to_cache_dtype,
+)
 from tokenmill.layers.triton_attention import (
     BLOCK_Q_PREFILL,
     TritonPagedAttention,
@@ -182,6 +187,53 @@ def test_ptx_compile_in_a_child() -> None:
 
 
 @needs_triton
+@interpreted
+def test_interpreted_kernel_cuda_graph_split_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step that splits its keys replays too: the small bucket is also recorded with
+    the most splits its batch could want (4 here: 4 "SMs", 2 KV heads), and a long-context
+    row run through it gives the plain forward's hidden states (whose eager step splits 2
+    ways); a short one takes the bucket's unsplit variant."""
+    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
+    from tokenmill.runner.cuda_graphs import DecodeGraphs
+    from tokenmill.runner.loading import init_dummy_weights
+
+    monkeypatch.setattr(ta, "_sm_count", lambda device: 4)
+    arch = ArchConfig.from_hf(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2,
+                                   vocab_size=300, max_position_embeddings=1024))
+    backend = TritonPagedAttention()
+    model = LlamaForCausalLM(arch, backend).eval()
+    init_dummy_weights(model, seed=1)
+    bs, nb = 16, 48
+    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs),
+                        generator=torch.Generator().manual_seed(2))
+    model.bind_kv_cache(cache)
+    cpu = torch.device("cpu")
+    graphs = DecodeGraphs(model, cpu, [1, 4], nb, nb * bs, None, eager=True)
+    assert graphs.splits == {1: 4, 4: 1}
+    assert graphs.capture() and set(graphs._run) == {(1, 1), (1, 4), (4, 1)}
+    used: list[int] = []
+    real = ta.paged_attention
+
+    def spy(q: torch.Tensor, kv: torch.Tensor, rows: DeviceRows, scale: float) -> torch.Tensor:
+        used.append(rows.splits)
+        return real(q, kv, rows, scale)
+
+    monkeypatch.setattr(ta, "paged_attention", spy)
+    for ctx, splits in ((700, 4), (40, 1)):
+        assert ta.decode_splits(2, ctx, cpu) == (2 if ctx == 700 else 1)
+        meta = backend.build_metadata([1], [ctx], [list(range(nb))[: -(-ctx // bs)]], bs, None,
+                                      cpu)
+        ids, pos = torch.tensor([7]), torch.tensor([ctx - 1])
+        with torch.inference_mode():
+            want = model(ids, pos, meta)
+            used.clear()
+            got = graphs.run(ids, pos, meta)
+        assert used == [splits] * 2  # each layer's attention, with the variant's splits
+        assert got is not None
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @in_ptx_child
 # Each cache kind with both activation dtypes and both program shapes (decode, prefill block),
 # each (dtype, shape) pair with two cache kinds: 8 of the 16 combinations, ~2 s a compile.
@@ -287,21 +339,23 @@ def test_cuda_graph_replay_matches_eager() -> None:
     with torch.device(dev):
         model = LlamaForCausalLM(arch, backend).to(torch.bfloat16).eval()
     init_dummy_weights(model, seed=1)
-    bs, nb = 16, 64
+    bs, nb = 16, 5 * 64  # up to 64 blocks for each of up to 5 rows
     cache = torch.randn(*model.kv_cache_shape(nb + 1, bs), device=dev).to(torch.bfloat16)
     model.bind_kv_cache(cache)
-    ctxs = [5, 90, 33, 17, 250]
-    tables = [list(range(i * 12, i * 12 + 12))[: -(-c // bs)] for i, c in enumerate(ctxs)]
-    meta = backend.build_metadata([1] * 5, ctxs, tables, bs, None, dev)
-    ids = torch.tensor([11, 22, 33, 44, 55], device=dev)
-    pos = torch.tensor([c - 1 for c in ctxs], device=dev)
     with torch.inference_mode():
-        want = model(ids, pos, meta).float()
         graphs = DecodeGraphs(model, dev, [1, 8], 64, nb * bs, None)
         assert graphs.capture()
-        got = graphs.run(ids, pos, meta)
-    assert got is not None
-    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+        # 5 rows in the 8-row bucket; then one row at a long context, which splits its keys
+        # (the bucket's split-key graph)
+        for ctxs in ([5, 90, 33, 17, 250], [1000]):
+            tables = [list(range(i * 64, i * 64 + 64))[: -(-c // bs)] for i, c in enumerate(ctxs)]
+            meta = backend.build_metadata([1] * len(ctxs), ctxs, tables, bs, None, dev)
+            ids = torch.tensor([11, 22, 33, 44, 55][: len(ctxs)], device=dev)
+            pos = torch.tensor([c - 1 for c in ctxs], device=dev)
+            want = model(ids, pos, meta).float()
+            got = graphs.run(ids, pos, meta)
+            assert got is not None
+            torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
 
 @interpreted

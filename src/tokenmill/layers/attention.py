@@ -67,6 +67,9 @@ class DeviceRows:
     block_q: int  # query tokens per program
     window: int  # sliding window, 0 for none
     max_keys: int = 0  # a decode step's longest key range (host int): split-key decisions
+    # Key splits of a decode step: 0, decode_splits decides from max_keys; n > 0, exactly n
+    # (CUDA graphs record a fixed count; splits left without keys merge to nothing).
+    splits: int = 0
 
 
 @dataclass

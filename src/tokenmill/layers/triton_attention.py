@@ -16,7 +16,8 @@ the GPU (small batch, long contexts) runs `splits` programs per pair, each over 
 the keys; they write unnormalized partial sums with their softmax maximum and sum, and
 `_combine` merges them (a few torch ops, no host sync). `decode_splits` picks the count on
 the host from the batch, the longest key range (`DeviceRows.max_keys`) and the GPU's SM
-count. CUDA graphs are recorded without splits; a step that wants them runs eagerly.
+count. CUDA graphs record a bucket once without splits and, where its batch is too small to
+fill the GPU, once with the most it could want (`DeviceRows.splits`).
 
 triton is optional (not a project dependency): `TritonPagedAttention` is chosen for CUDA only
 when it imports. The tests run the kernel in triton's CPU interpreter against the torch path.
@@ -224,7 +225,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: DeviceRows,
     else:
         bs, ks, vs, sko, svo = kv_cache.shape[3], out, out, k.stride(2), v.stride(2)
     assert k.stride(-1) == 1 and q.stride(2) == 1
-    n = decode_splits(rows.qblocks.shape[0] * hk, rows.max_keys, q.device) \
+    n = (rows.splits or decode_splits(rows.qblocks.shape[0] * hk, rows.max_keys, q.device)) \
         if rows.block_q == 1 else 1
     grid = (rows.qblocks.shape[0], hk, n)
     g_pad, d_pad = _next_pow2(g), max(16, _next_pow2(d))
