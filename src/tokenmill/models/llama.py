@@ -202,12 +202,15 @@ class LlamaForCausalLM(nn.Module):
         stack then skips the other rows' work after the last layer's cache write."""
         if self.fused_stack is not None and self.fused_stack.takes(input_ids.shape[0], meta):
             return self.fused_stack.run(input_ids, positions, meta, out_rows)  # all of it
+        # The kept rows' index before the layers are queued: on a GPU its copy from the host
+        # would otherwise wait for them.
+        keep = (torch.tensor(out_rows, dtype=torch.long, device=input_ids.device)
+                if out_rows is not None and len(out_rows) < input_ids.shape[0] else None)
         x = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        if out_rows is not None and len(out_rows) < x.shape[0]:
-            keep = torch.tensor(out_rows, dtype=torch.long, device=x.device)
+        if keep is not None:
             x, residual = x[keep], None if residual is None else residual[keep]
         x, _ = self.norm(x, residual)
         return x

@@ -25,7 +25,7 @@ from tokenmill.lora.manager import LoraManager
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.protocol import SamplingParams, TokenLogprob
 from tokenmill.runner.cuda_graphs import DecodeGraphs
-from tokenmill.runner.sampler import Sampler, SamplingRow
+from tokenmill.runner.sampler import Sampler, SamplingMetadata, SamplingRow
 from tokenmill.runner.watermark import WatermarkBias
 
 logger = logging.getLogger("tokenmill.runner")
@@ -145,6 +145,9 @@ class ModelRunner:
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
         self._start_grammar_masks(batch)  # on a worker thread, overlapping the forward pass
+        # The sampling tensors before the forward is queued: on a GPU their host-to-device
+        # copies (and boolean indexing) wait for the stream, which is idle only now.
+        smeta = self.sampler.prepare(self._sampling_rows(batch)) if batch.sample_rows else None
         hidden = None
         if self.graphs is not None and not (
                 self.lora.host and any(self.states[c.request_id].lora_slot >= 0 for c in chunks)):
@@ -159,8 +162,8 @@ class ModelRunner:
                 batch.plp_rows = [at[r] for r in batch.plp_rows]
         if batch.plp_rows:
             self._prompt_logprobs(hidden, batch, out)
-        if batch.sample_rows:
-            self._sample(hidden, batch, out)
+        if smeta is not None:
+            self._sample(hidden, batch, out, smeta)
         return out
 
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -194,7 +197,19 @@ class ModelRunner:
                 b.plp_spans.append((chunk.request_id, k))
         return b
 
-    def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput) -> None:
+    def _sampling_rows(self, b: _Batch) -> list[SamplingRow]:
+        rows = []
+        for rid in b.sample_ids:
+            st = self.states[rid]
+            # A grammar decides where EOS may come; min_new_tokens does not mask it then.
+            rows.append(SamplingRow(
+                params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
+                output_token_ids=st.output,
+                stop_token_ids=st.stop_token_ids if st.matcher is None else []))
+        return rows
+
+    def _sample(self, hidden: torch.Tensor, b: _Batch, out: RunnerOutput,
+                smeta: SamplingMetadata) -> None:
         rows = b.sample_rows  # ascending and distinct, so these two tests mean "all rows"
         # A decode step samples every row in order: no gather (an index op, slow this cold).
         picked = (hidden if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1
@@ -206,15 +221,7 @@ class ModelRunner:
             # renormalized over what the grammar allows (vLLM's choice; TGI's are of the fully
             # processed distribution). Penalties and temperature stay out of them, as elsewhere.
             apply_bias_(logits, self._masker.bias(b.grammar_job), b.grammar_rows)
-        sampling_rows = []
-        for rid in b.sample_ids:
-            st = self.states[rid]
-            # A grammar decides where EOS may come; min_new_tokens does not mask it then.
-            sampling_rows.append(SamplingRow(
-                params=st.params, seed=st.seed, prompt_token_ids=st.prompt,
-                output_token_ids=st.output,
-                stop_token_ids=st.stop_token_ids if st.matcher is None else []))
-        result = self.sampler.sample(logits, self.sampler.prepare(sampling_rows))
+        result = self.sampler.sample(logits, smeta)
         for rid, tok, lp in zip(b.sample_ids, result.token_ids, result.logprobs):
             st = self.states[rid]
             st.output.append(tok)
