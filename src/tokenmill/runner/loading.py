@@ -49,11 +49,21 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device `--device` names. A CUDA device with an index also becomes the process's
+    current device: Triton kernels launch on the current device's stream whatever device
+    their tensors are on, and CUDA graphs record on it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available")
+        if dev.index is not None:
+            count = torch.cuda.device_count()
+            if dev.index >= count:
+                raise ValueError(f"--device {name}: this machine has {count} CUDA "
+                                 f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+            torch.cuda.set_device(dev)
     return dev
 
 
