@@ -206,9 +206,17 @@ class TorchPagedAttention(AttentionBackend):
                 out[rows] = self._decode(q[rows], kg, vg, g.mask, scale)
                 continue
             qg = q[rows].view(b, nq, -1, d).transpose(1, 2)  # [B, Hq, Q, D]
-            o = F.scaled_dot_product_attention(qg, kg.transpose(0, 1), vg.transpose(0, 1),
-                                               attn_mask=g.mask, scale=scale,
-                                               enable_gqa=hk != qg.shape[1])
+            gqa = hk != qg.shape[1]
+            if g.key_range == (0, nq):  # a fresh prompt (no cached keys, no window cut)
+                # causal over exactly its keys, no mask: SDPA's flash kernels apply, where a
+                # mask forces the math one and its [Hq, Q, K] scores (~8 GB at 8k tokens)
+                o = F.scaled_dot_product_attention(
+                    qg, kg[:, :, :nq].transpose(0, 1), vg[:, :, :nq].transpose(0, 1),
+                    is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(qg, kg.transpose(0, 1), vg.transpose(0, 1),
+                                                   attn_mask=g.mask, scale=scale,
+                                                   enable_gqa=gqa)
             out[rows] = o.transpose(1, 2).reshape(b * nq, -1, d)
         return out
 
