@@ -236,14 +236,16 @@ def test_interpreted_kernel_cuda_graph_split_keys(monkeypatch: pytest.MonkeyPatc
 
 @in_ptx_child
 # Each cache kind with both activation dtypes and both program shapes (decode, prefill block),
-# each (dtype, shape) pair with two cache kinds: 8 of the 16 combinations, ~2 s a compile.
-@pytest.mark.parametrize(("dtype", "block_q", "cache"), [
-    ("fp32", 1, "model"), ("bf16", BLOCK_Q_PREFILL, "model"),
-    ("bf16", 1, "i8"), ("fp32", BLOCK_Q_PREFILL, "i8"),
-    ("fp32", 1, "fp8e4nv"), ("bf16", BLOCK_Q_PREFILL, "fp8e4nv"),
-    ("bf16", 1, "fp8e5"), ("fp32", BLOCK_Q_PREFILL, "fp8e5")])
-def test_kernel_compiles_for_sm90(dtype: str, block_q: int, cache: str, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+# each (dtype, shape) pair with two cache kinds: 8 of the 16 combinations, ~2 s a compile;
+# decode programs with split keys, and two without (large batches, CUDA graphs' plain variant).
+@pytest.mark.parametrize(("dtype", "block_q", "cache", "split"), [
+    ("fp32", 1, "model", True), ("bf16", BLOCK_Q_PREFILL, "model", False),
+    ("bf16", 1, "i8", True), ("fp32", BLOCK_Q_PREFILL, "i8", False),
+    ("fp32", 1, "fp8e4nv", True), ("bf16", BLOCK_Q_PREFILL, "fp8e4nv", False),
+    ("bf16", 1, "fp8e5", True), ("fp32", BLOCK_Q_PREFILL, "fp8e5", False),
+    ("bf16", 1, "model", False), ("bf16", 1, "i8", False)])
+def test_kernel_compiles_for_sm90(dtype: str, block_q: int, cache: str, split: bool,
+                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No GPU needed: ahead-of-time compilation to PTX catches what the interpreter does not
     check (tl.dot shapes and dtypes, constexpr handling), and shows the tensor cores used."""
     from triton import compile as triton_compile
@@ -262,7 +264,7 @@ def test_kernel_compiles_for_sm90(dtype: str, block_q: int, cache: str, tmp_path
            "l_ptr": "fp32", "ks_ptr": "fp32", "vs_ptr": "fp32"}
     consts = {"BLOCK_Q": block_q, "G_PAD": 4, "M": max(16, 4 * block_q), "BLOCK_N": ta.BLOCK_N,
               "D_PAD": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-              "SPLIT": block_q == 1,  # decode programs compiled with split keys
+              "SPLIT": split,
               "KV8": kv8}
     sig = {n: f"*{ptr[n]}" if n in ptr else "constexpr" if n in consts
            else "fp32" if n == "scale" else "i32" for n in kernel.arg_names}
