@@ -91,10 +91,15 @@ def test_load_route_auth_paths_and_bad_adapters(setup) -> None:
         str(root.parent / f"{root.name}-outside"): "outside", "escape": "outside",
         "missing": "does not exist",
     }
+    bad["y" * 300] = "does not exist"  # longer than a file name may be: no 500
     for path, why in bad.items():
         r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
         assert r.status_code == 400, (path, r.text)
         assert why in message(r), (path, r.json())
+        assert str(root) not in r.text and "Errno" not in r.text, r.text  # no internals
+    for placeholder in ("dummy", "tgi"):  # names that mean the base model in requests
+        r = post(server, "/v1/load_lora_adapter", {"lora_name": placeholder, "lora_path": "a"})
+        assert r.status_code == 400 and "base model" in message(r)
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "x"})
     assert r.status_code == 422
     r = post(server, "/v1/load_lora_adapter", body)
@@ -114,11 +119,19 @@ def test_dynamic_first_use(setup) -> None:
                                          "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected["b"]
     assert "b" in models(server)
+    odd = "not an adapter folder name"
     for name, status, why in (("dora", 422, "use_dora"), ("corrupt", 422, "corrupt"),
-                              ("../" + root.name + "-outside", 422, "outside"),
-                              ("escape", 422, "outside"), ("nothing-here", 422, "not loaded")):
+                              ("../" + root.name + "-outside", 422, odd),
+                              ("escape", 422, "outside"), ("nothing-here", 422, "not loaded"),
+                              ("z" * 300, 422, "longer than 255 bytes")):
         r = generate(server, name)
         assert r.status_code == status and why in message(r), (name, r.text)
+        assert str(root) not in r.text, r.text  # the server's paths stay on the server
+    # Other spellings of b's folder are refused, not loaded again under new names.
+    for name in ("./b", "b/", "b//", "b/.", "././b", "b/../b", "/b"):
+        r = post(server, "/v1/completions", {"model": name, "prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 422 and odd in message(r), (name, r.text)
+    assert [m for m in models(server) if m.endswith("b")] == ["b"]
     assert generate(server, None).json()["generated_text"] == expected[None]
 
 

@@ -6,12 +6,16 @@ inside the first root, and anything that resolves outside every root (`../`, an 
 elsewhere, a symlink out) is refused. With a root configured, a request whose `adapter_id` (or
 OpenAI `model`) is not loaded but names a sub-folder of a root loads it first; concurrent
 requests for the same adapter share one load, and the batch runs on meanwhile (the engine reads
-the files on a worker thread).
+the files on a worker thread). Such names must be canonical relative paths (no `.`, `..` or
+empty parts), so one folder answers to one name and cannot be loaded again under another.
+
+Error messages name folders relative to the root: clients never see the server's paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from tokenmill.server.errors import GenerationError, NotFoundError, RequestError
 from tokenmill.server.state import ServerState, parse_body
 
 _PLACEHOLDERS = ("", "tgi", "dummy")  # names clients send for the base model
+_NAME_MAX = 255  # bytes of one path part (Linux's NAME_MAX)
+_ROOT = "<lora-dynamic-dir>"
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -45,6 +51,32 @@ def _bad(message: str) -> RequestError:
     return RequestError(400, "validation", message)
 
 
+def _short(name: str) -> str:
+    return name if len(name) <= 80 else name[:77] + "..."
+
+
+def public(message: str, roots: list[str]) -> str:
+    """`message` with every root's path (as configured and resolved) replaced by a
+    placeholder."""
+    for root in roots:
+        for form in sorted({root.rstrip("/"), os.path.realpath(root)}, key=len, reverse=True):
+            if form:
+                message = message.replace(form, _ROOT)
+    return message
+
+
+def dynamic_name_error(name: str) -> str | None:
+    """Why `name` cannot name an adapter folder under a root (None: it can)."""
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or "\x00" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        return ("not an adapter folder name: a path relative to --lora-dynamic-dir without "
+                "'.', '..' or empty parts")
+    if any(len(p.encode()) > _NAME_MAX for p in parts):
+        return f"a folder name is longer than {_NAME_MAX} bytes"
+    return None
+
+
 def resolve_in_roots(roots: list[str], requested: str) -> Path:
     """The real adapter folder for `requested`, which must lie under one of `roots`."""
     if not roots:
@@ -55,8 +87,17 @@ def resolve_in_roots(roots: list[str], requested: str) -> Path:
             return resolve_adapter_path(Path(root), requested)
         except AdapterError as e:
             error = error or e
+        except OSError as e:  # a name the file system refuses (too long, ...)
+            error = error or AdapterError(f"adapter path {_short(requested)!r}: {e.strerror}")
     assert error is not None
-    raise _bad(str(error))
+    raise _bad(public(str(error), roots))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 async def _load(state: ServerState, name: str, path: Path) -> None:
@@ -85,17 +126,21 @@ async def ensure_adapter(state: ServerState, name: str | None) -> None:
     if (not roots or engine is None or name is None or name in _PLACEHOLDERS
             or name == engine.info.model_id or name in engine.info.adapters):
         return
+    why = dynamic_name_error(name)
+    if why is not None:
+        raise RequestError(422, "validation", f"adapter '{_short(name)}': {why}")
     try:
         path = resolve_in_roots(roots, name)
     except RequestError as e:
         raise RequestError(422, "validation", f"adapter '{name}': {e.message}") from e
-    if not path.is_dir():
+    if not _is_dir(path):
         return  # not a dynamic adapter: validation reports it as unknown
     try:
         await _load(state, name, path)
     except ValueError as e:
         if name not in engine.info.adapters:  # "already loaded" races are fine
-            raise RequestError(422, "validation", f"adapter '{name}': {e}") from e
+            raise RequestError(422, "validation",
+                               f"adapter '{name}': {public(str(e), roots)}") from e
     except EngineDeadError as e:
         raise GenerationError(str(e)) from e
 
@@ -108,11 +153,18 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def load_lora_adapter(request: Request) -> Response:
         state.require_ready()
         body: Any = await parse_body(request, LoadLoraAdapterRequest)
-        path = resolve_in_roots(state.config.lora_dynamic_dirs, body.lora_path)
+        roots = state.config.lora_dynamic_dirs
+        if body.lora_name in _PLACEHOLDERS:
+            raise _bad(f"'{body.lora_name}' names the base model in requests: choose another "
+                       "lora_name")
+        path = resolve_in_roots(roots, body.lora_path)
+        if not _is_dir(path):
+            raise _bad(f"adapter path {_short(body.lora_path)!r}: adapter directory does not "
+                       "exist")
         try:
             await _load(state, body.lora_name, path)
         except ValueError as e:
-            raise _bad(str(e)) from e
+            raise _bad(public(str(e), roots)) from e
         except EngineDeadError as e:
             raise GenerationError(str(e)) from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
