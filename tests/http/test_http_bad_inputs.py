@@ -202,6 +202,22 @@ def test_disconnects_free_blocks(server) -> None:
         time.sleep(0.3)
         s.close()
     wait_idle(server.url, timeout=60)
+    # a request that is not streamed: its generation stops when its client goes (TGI drops
+    # it too), it does not run to the end holding a slot and KV blocks
+    long_json = {"model": "tgi", "max_tokens": 2000, "ignore_eos": True}
+    for path, body in (("/v1/completions", {**long_json, "prompt": "Tell me a story"}),
+                       ("/v1/chat/completions", {**long_json, "messages": [
+                           {"role": "user", "content": "Tell me a story"}]})):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        data = json.dumps(body)
+        s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n{data}").encode())
+        deadline = time.time() + 30
+        while kv_state(server.url)[1] == 0 and time.time() < deadline:
+            time.sleep(0.1)  # until it runs
+        assert kv_state(server.url)[1] == 1, path
+        s.close()
+        wait_idle(server.url, timeout=10)  # 2,000 tokens would take far longer
     still_serving(server.url)
 
 

@@ -36,6 +36,7 @@ from tokenmill.server.state import (
     parse_body,
     record,
     stream_many,
+    unless_disconnected,
 )
 from tokenmill.server.tools import ToolCallStream, rewrite_completion
 from tokenmill.server.validation import (
@@ -78,7 +79,8 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     rid, created = f"chatcmpl-{new_request_id()}", int(time.time())
     if not opts.stream:
         with state.slot():
-            outs = await _collect(engine, ids, plist, adapter, timing)
+            outs = await unless_disconnected(request, _collect(engine, ids, plist, adapter,
+                                                               timing))
         record(state, timing, rid, "/v1/chat/completions", len(ids), outs,
                params.max_new_tokens)
         answer = chat_completion(outs, model, created, rid, tok, opts, len(ids),
@@ -114,9 +116,9 @@ async def completions(state: ServerState, request: Request) -> Response:
              for p in prompts]
     if not opts.stream:
         with state.slot():
-            results = await asyncio.gather(*(
+            results = await unless_disconnected(request, asyncio.gather(*(
                 _best_n(engine, ids, sp, opts.n, opts.best_of, adapter, timing)
-                for ids, sp in zip(encoded, per_prompt)))
+                for ids, sp in zip(encoded, per_prompt))))
         outs = [o for group in results for o in group]
         record(state, timing, rid, "/v1/completions", sum(map(len, encoded)), outs,
                params.max_new_tokens)

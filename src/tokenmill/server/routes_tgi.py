@@ -30,6 +30,7 @@ from tokenmill.server.state import (
     parse_body,
     record,
     stream_many,
+    unless_disconnected,
 )
 from tokenmill.server.validation import GenerateOptions, choice_params, validate_generate
 
@@ -135,7 +136,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def generate(request: Request) -> Response:
         body = await parse_body(request, schemas.GenerateRequest)
         await ensure_adapter(state, _adapter_id(body))
-        result, headers = await generate_json(state, body)
+        result, headers = await unless_disconnected(request, generate_json(state, body))
         return json_response(result, headers=headers)
 
     @app.post("/generate_stream", tags=["tgi"],
@@ -148,14 +149,15 @@ def register(app: FastAPI, state: ServerState) -> None:
     @app.post("/", tags=["tgi"], openapi_extra=body_doc(schemas.CompatGenerateRequest))
     async def compat_generate(request: Request) -> Response:
         body = await parse_body(request, schemas.CompatGenerateRequest)
-        return await _compat(body)
+        return await _compat(request, body)
 
-    async def _compat(body: Any) -> Response:
+    async def _compat(request: Request, body: Any) -> Response:
         req = schemas.GenerateRequest(inputs=body.inputs, parameters=body.parameters)
         await ensure_adapter(state, _adapter_id(req))
         if body.stream:
             return generate_sse(state, req, default_full_text=True)
-        result, headers = await generate_json(state, req, default_full_text=True)
+        result, headers = await unless_disconnected(
+            request, generate_json(state, req, default_full_text=True))
         return json_response([result], headers=headers)
 
     @app.post("/invocations", tags=["tgi"])
@@ -171,7 +173,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise RequestError(400, "validation", f"malformed JSON: {e}") from e
         if isinstance(data, dict) and "inputs" in data:
             body = await parse_body(request, schemas.CompatGenerateRequest)
-            return await _compat(body)
+            return await _compat(request, body)
         if isinstance(data, dict) and "messages" in data:
             return await routes_openai.chat_completions(state, request)
         if isinstance(data, dict) and "prompt" in data:

@@ -8,9 +8,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -25,6 +25,7 @@ from tokenmill.server.metrics import Metrics
 from tokenmill.server.validation import Limits
 
 logger = logging.getLogger("tokenmill.server")
+T = TypeVar("T")
 
 
 def overloaded() -> RequestError:
@@ -192,6 +193,35 @@ async def stream_many(engine: Any, prompt_ids: list[int], params: list[SamplingP
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the request's body is already read: what the ASGI
+    server sends next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; cancelled if the client goes away first (its generations are then
+    aborted and its concurrency slot freed, as a stream's are), which ends the request with
+    a 499 no one reads. Streams watch for the disconnect themselves (StreamingResponse)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            logger.info("client disconnected from %s: its generation was aborted",
+                        request.url.path)
+            raise RequestError(499, "client_closed_request", "client closed the request")
+        return task.result()
+    finally:
+        watch.cancel()
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
 
 
 async def collect(engine: Any, prompt_ids: list[int], params: list[SamplingParams],
