@@ -249,3 +249,31 @@ def test_api_key(keyed_server) -> None:
 
 
 # 20. past max_concurrent_requests is in test_http_clients.py (64 streams + one more).
+
+
+def test_long_texts_tokenize_off_the_event_loop(server) -> None:
+    """A ~1.9 MB prompt takes the tokenizer seconds; meanwhile the server keeps answering
+    (tokenizing on the event loop stalled every request, /health included)."""
+    import threading
+
+    done: dict[str, object] = {}
+
+    def big(path: str, body: dict) -> None:
+        done[path] = httpx.post(f"{server.url}{path}", json=body, timeout=120).status_code
+
+    text = " a" * 950_000
+    jobs = [threading.Thread(target=big, args=("/generate", {"inputs": text})),
+            threading.Thread(target=big, args=("/tokenize", {"inputs": text}))]
+    for j in jobs:
+        j.start()
+    time.sleep(0.5)  # both bodies sent and being tokenized
+    t0 = time.perf_counter()
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    health_s = time.perf_counter() - t0
+    busy = len(done) < 2  # the big requests were still running when /health answered
+    for j in jobs:
+        j.join()
+    assert done == {"/generate": 422, "/tokenize": 200}
+    if busy:
+        assert health_s < 1.0, health_s
+    still_serving(server.url)

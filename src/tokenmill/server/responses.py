@@ -275,8 +275,10 @@ def simple_tokens(
 ) -> list[dict[str, Any]]:
     """TGI's ``/tokenize`` body: ``[{id, text, start, stop}]`` with character offsets into
     `text`; tokens the tokenizer adds (BOS) have start == stop == 0 and their own text."""
-    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    # the batch calls release the GIL while they run (routes_service runs long texts here on
+    # a worker thread)
+    ids = tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    enc = tokenizer.backend.encode_batch([text], add_special_tokens=False)[0]
     inner = list(enc.ids)
     offsets = list(enc.offsets)
     # Locate the plain encoding inside the full one (usually at 0 or after a BOS).

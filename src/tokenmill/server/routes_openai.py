@@ -32,6 +32,7 @@ from tokenmill.server.state import (
     ServerState,
     Timing,
     collect,
+    encode_text,
     new_request_id,
     parse_body,
     record,
@@ -72,7 +73,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     timing = Timing()
     tok = engine.tokenizer
     prompt = await asyncio.to_thread(chat_request_to_prompt, tok, body)
-    ids = tok.encode(prompt, add_special_tokens=False)
+    ids = await encode_text(tok, prompt, add_special_tokens=False)
     params, opts = validate_chat(body, ids, limits, default_model=model)
     timing.validated = time.perf_counter()
     plist = [choice_params(params, i) for i in range(opts.n)]
@@ -108,7 +109,7 @@ async def completions(state: ServerState, request: Request) -> Response:
     timing = Timing()
     tok = engine.tokenizer
     prompts, params, opts = validate_completion(body, limits, default_model=model)
-    encoded = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    encoded = [await encode_text(tok, p) if isinstance(p, str) else list(p) for p in prompts]
     per_prompt = [validate_completion_prompt(ids, params, opts, limits) for ids in encoded]
     timing.validated = time.perf_counter()
     rid, created = f"cmpl-{new_request_id()}", int(time.time())

@@ -26,6 +26,7 @@ from tokenmill.server.state import (
     ServerState,
     Timing,
     collect,
+    encode_text,
     new_request_id,
     parse_body,
     record,
@@ -48,12 +49,13 @@ def engine_failure(e: Exception) -> RequestError:
     return GenerationError(str(e) or type(e).__name__)
 
 
-def _prepare(state: ServerState, body: schemas.GenerateRequest, stream: bool,
-             default_full_text: bool) -> tuple[Any, list[int], Any, GenerateOptions, Timing]:
+async def _prepare(state: ServerState, body: schemas.GenerateRequest, stream: bool,
+                   default_full_text: bool
+                   ) -> tuple[Any, list[int], Any, GenerateOptions, Timing]:
     engine, limits, metrics = state.require_ready()
     metrics.inc("tgi_request_count")
     timing = Timing()
-    ids = engine.tokenizer.encode(body.inputs)
+    ids = await encode_text(engine.tokenizer, body.inputs)
     ids, params, opts = validate_generate(body, ids, limits, stream=stream,
                                           default_return_full_text=default_full_text,
                                           adapters=engine.info.adapters)
@@ -65,7 +67,7 @@ def _prepare(state: ServerState, body: schemas.GenerateRequest, stream: bool,
 
 async def generate_json(state: ServerState, body: schemas.GenerateRequest,
                         default_full_text: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
-    engine, ids, params, opts, timing = _prepare(state, body, False, default_full_text)
+    engine, ids, params, opts, timing = await _prepare(state, body, False, default_full_text)
     rid = new_request_id()
     with state.slot():
         plist = [choice_params(params, i) for i in range(opts.best_of)]
@@ -92,9 +94,9 @@ async def generate_json(state: ServerState, body: schemas.GenerateRequest,
     return generate_response(best, engine.tokenizer, opts, body.inputs, ids, others), headers
 
 
-def generate_sse(state: ServerState, body: schemas.GenerateRequest,
-                 default_full_text: bool = False) -> StreamingResponse:
-    engine, ids, params, opts, timing = _prepare(state, body, True, default_full_text)
+async def generate_sse(state: ServerState, body: schemas.GenerateRequest,
+                       default_full_text: bool = False) -> StreamingResponse:
+    engine, ids, params, opts, timing = await _prepare(state, body, True, default_full_text)
     state.acquire()  # held until the stream ends, however it ends
     rid = new_request_id()
 
@@ -144,7 +146,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def generate_stream(request: Request) -> Response:
         body = await parse_body(request, schemas.GenerateRequest)
         await ensure_adapter(state, _adapter_id(body))
-        return generate_sse(state, body)
+        return await generate_sse(state, body)
 
     @app.post("/", tags=["tgi"], openapi_extra=body_doc(schemas.CompatGenerateRequest))
     async def compat_generate(request: Request) -> Response:
@@ -155,7 +157,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         req = schemas.GenerateRequest(inputs=body.inputs, parameters=body.parameters)
         await ensure_adapter(state, _adapter_id(req))
         if body.stream:
-            return generate_sse(state, req, default_full_text=True)
+            return await generate_sse(state, req, default_full_text=True)
         result, headers = await unless_disconnected(
             request, generate_json(state, req, default_full_text=True))
         return json_response([result], headers=headers)

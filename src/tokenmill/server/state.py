@@ -195,6 +195,19 @@ async def stream_many(engine: Any, prompt_ids: list[int], params: list[SamplingP
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+LONG_TEXT = 8192  # characters: a longer text is tokenized on a worker thread
+
+
+async def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`tokenizer.encode(text)`; a long text on a worker thread through `encode_batch`, which
+    releases the GIL while it runs (`encode` holds it: a 2 MB body kept the event loop for
+    ~2 s, stalling every other request and /health)."""
+    if len(text) <= LONG_TEXT:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list((await asyncio.to_thread(tokenizer.encode_batch, [text],
+                                         add_special_tokens))[0])
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client has gone (the request's body is already read: what the ASGI
     server sends next is the disconnect)."""
