@@ -37,6 +37,19 @@ def test_info_tokenize_invocations(server) -> None:
     assert inv.json()["object"] == "chat.completion"
 
 
+def test_unknown_routes_and_methods_get_the_error_shape(server) -> None:
+    """404 and 405 answer with the body every other error has (TGI's, or OpenAI's under
+    /v1), not FastAPI's `{"detail": ...}`; a 405 still says which methods are allowed."""
+    r = httpx.get(f"{server.url}/no-such-route", timeout=30)
+    assert r.status_code == 404
+    assert r.json() == {"error": "Not Found", "error_type": "not_found"}
+    r = httpx.get(f"{server.url}/generate", timeout=30)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json() == {"error": "Method Not Allowed", "error_type": "method_not_allowed"}
+    r = httpx.post(f"{server.url}/v1/nothing", json={}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+
+
 def metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
     assert m, name

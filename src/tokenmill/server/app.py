@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from tokenmill import __version__
@@ -59,6 +60,14 @@ def create_app(state: ServerState) -> FastAPI:
             state.metrics.failure(err.failure_label)
         openai = request.url.path.startswith("/v1")
         return json_response(request_error_body(err, openai), err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException) -> Response:
+        # unknown routes (404), wrong methods (405): the error body every other error has
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        openai = request.url.path.startswith("/v1")
+        body = request_error_body(RequestError(err.status_code, kind, str(err.detail)), openai)
+        return json_response(body, err.status_code, dict(err.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, err: RequestValidationError) -> Response:
