@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -187,27 +188,36 @@ def test_ptx_compile_in_a_child() -> None:
 
 
 @needs_triton
+def _tiny_model(max_positions: int, bs: int, nb: int) -> tuple[Any, TritonPagedAttention,
+                                                               torch.Tensor]:
+    """A 2-layer float32 model on the Triton backend (GQA 6/2) with random weights, bound to
+    a random cache of nb blocks of bs plus the scratch block: (model, backend, cache)."""
+    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
+    from tokenmill.runner.loading import init_dummy_weights
+
+    arch = ArchConfig.from_hf(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2,
+                                   vocab_size=300, max_position_embeddings=max_positions))
+    backend = TritonPagedAttention()
+    model = LlamaForCausalLM(arch, backend).eval()
+    init_dummy_weights(model, seed=1)
+    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs),
+                        generator=torch.Generator().manual_seed(2))
+    model.bind_kv_cache(cache)
+    return model, backend, cache
+
+
 @interpreted
 def test_interpreted_kernel_cuda_graph_split_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """A decode step that splits its keys replays too: the small bucket is also recorded with
     the most splits its batch could want (4 here: 4 "SMs", 2 KV heads), and a long-context
     row run through it gives the plain forward's hidden states (whose eager step splits 2
     ways); a short one takes the bucket's unsplit variant."""
-    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
     from tokenmill.runner.cuda_graphs import DecodeGraphs
-    from tokenmill.runner.loading import init_dummy_weights
 
     monkeypatch.setattr(ta, "_sm_count", lambda device: 4)
-    arch = ArchConfig.from_hf(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2,
-                                   vocab_size=300, max_position_embeddings=1024))
-    backend = TritonPagedAttention()
-    model = LlamaForCausalLM(arch, backend).eval()
-    init_dummy_weights(model, seed=1)
     bs, nb = 16, 48
-    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs),
-                        generator=torch.Generator().manual_seed(2))
-    model.bind_kv_cache(cache)
+    model, backend, _ = _tiny_model(1024, bs, nb)
     cpu = torch.device("cpu")
     graphs = DecodeGraphs(model, cpu, [1, 4], nb, nb * bs, None, eager=True)
     assert graphs.splits == {1: 4, 4: 1}
@@ -290,20 +300,10 @@ def test_interpreted_kernel_cuda_graph_padding() -> None:
     """The CUDA-graph decode path's static buffers, run eagerly: a 3-row step in the 4-row
     bucket (one padding row) gives the plain forward's hidden states and cache writes, and the
     padding row writes only into the scratch block."""
-    from tokenmill.models.llama import ArchConfig, LlamaForCausalLM
     from tokenmill.runner.cuda_graphs import DecodeGraphs
-    from tokenmill.runner.loading import init_dummy_weights
 
-    arch = ArchConfig.from_hf(dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2,
-                                   vocab_size=300, max_position_embeddings=128))
-    backend = TritonPagedAttention()
-    model = LlamaForCausalLM(arch, backend).eval()
-    init_dummy_weights(model, seed=1)
     bs, nb = 4, 12
-    cache = torch.randn(*model.kv_cache_shape(nb + 1, bs),
-                        generator=torch.Generator().manual_seed(2))
-    model.bind_kv_cache(cache)
+    model, backend, cache = _tiny_model(128, bs, nb)
     ctxs, tables = [5, 9, 2], [[3, 7], [0, 1, 11], [5]]
     meta = backend.build_metadata([1, 1, 1], ctxs, tables, bs, None, torch.device("cpu"))
     ids, pos = torch.tensor([11, 22, 33]), torch.tensor([c - 1 for c in ctxs])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -12,18 +10,8 @@ from fastapi.responses import Response
 from tokenmill import __version__
 from tokenmill.server import schemas
 from tokenmill.server.responses import simple_tokens
-from tokenmill.server.state import LONG_TEXT, ServerState, parse_body
+from tokenmill.server.state import ServerState, off_loop, parse_body
 from tokenmill.server.validation import chat_request_to_prompt
-
-T = TypeVar("T")
-
-
-async def _off_loop(chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)`, on a worker thread for a long text (its tokenizer calls
-    release the GIL there), so other requests go on meanwhile."""
-    if chars <= LONG_TEXT:
-        return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def register(app: FastAPI, state: ServerState) -> None:
@@ -76,7 +64,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def tokenize(request: Request) -> Response:
         engine, _, _ = state.require_ready()
         body = await parse_body(request, schemas.GenerateRequest)
-        return json_response(await _off_loop(len(body.inputs), simple_tokens, engine.tokenizer,
+        return json_response(await off_loop(len(body.inputs), simple_tokens, engine.tokenizer,
                                              body.inputs))
 
     @app.post("/chat_tokenize", tags=["tgi"],
@@ -85,6 +73,6 @@ def register(app: FastAPI, state: ServerState) -> None:
         engine, _, _ = state.require_ready()
         body = await parse_body(request, schemas.ChatCompletionRequest)
         prompt = await asyncio.to_thread(chat_request_to_prompt, engine.tokenizer, body)
-        tokens = await _off_loop(len(prompt), simple_tokens, engine.tokenizer, prompt,
+        tokens = await off_loop(len(prompt), simple_tokens, engine.tokenizer, prompt,
                                  add_special_tokens=False)
         return json_response({"tokenize_response": tokens, "templated_text": prompt})

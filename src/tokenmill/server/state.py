@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -195,17 +195,24 @@ async def stream_many(engine: Any, prompt_ids: list[int], params: list[SamplingP
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-LONG_TEXT = 8192  # characters: a longer text is tokenized on a worker thread
+LONG_TEXT = 8192  # characters: work on a longer text runs on a worker thread
+
+
+async def off_loop(chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`: inline for a text of `chars` characters up to LONG_TEXT, else on a
+    worker thread, so other requests go on meanwhile (the tokenizer's batch calls release the
+    GIL while they run; its single-text `encode` holds it: a 2 MB body once kept the event loop
+    for ~2 s, stalling every other request and /health)."""
+    if chars <= LONG_TEXT:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 async def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """`tokenizer.encode(text)`; a long text on a worker thread through `encode_batch`, which
-    releases the GIL while it runs (`encode` holds it: a 2 MB body kept the event loop for
-    ~2 s, stalling every other request and /health)."""
-    if len(text) <= LONG_TEXT:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    return list((await asyncio.to_thread(tokenizer.encode_batch, [text],
-                                         add_special_tokens))[0])
+    """`tokenizer.encode(text)` through `encode_batch` (as fast for one short text), off the
+    event loop when the text is long."""
+    return list((await off_loop(len(text), tokenizer.encode_batch, [text],
+                                add_special_tokens))[0])
 
 
 async def _disconnected(request: Request) -> None:
