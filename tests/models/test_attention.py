@@ -70,6 +70,35 @@ def test_row_keys_of_random_steps(window: int | None) -> None:
         assert rows.tables.shape == (n, max(len(t) for t in tables))
 
 
+def test_torch_path_runs_a_fresh_prompt_causal_without_a_mask(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gather + SDPA path gives a fresh prompt (no cached keys, no window cut) SDPA's
+    causal flag over exactly its keys and no mask, so CUDA's flash kernels apply; a prompt
+    over cached keys keeps its mask. (The outputs: test_native_rows_equal_the_torch_path.)"""
+    from tokenmill.layers import attention
+
+    calls: list[tuple[bool, bool, int]] = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((bool(kw.get("is_causal")), kw.get("attn_mask") is None, k.shape[-2]))
+        return sdpa(q, k, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    qlens, ctxs = [1, 7, 6], [9, 7, 19]  # a decode, a fresh 7-token prompt, 6 after 13 cached
+    tables = [list(range(0, 8)), list(range(8, 16)), list(range(16, 28))]
+    backend = TorchPagedAttention()
+    meta = backend.build_metadata(qlens, ctxs, tables, BS, None, torch.device("cpu"))
+    meta.rows = None  # the torch path
+    t = sum(qlens)
+    backend.forward(torch.randn(t, HQ, D, generator=gen), torch.randn(t, HK, D, generator=gen),
+                    torch.randn(t, HK, D, generator=gen), torch.randn(2, HK, NB, BS, D,
+                                                                   generator=gen),
+                    meta, D ** -0.5)
+    assert calls == [(True, True, 7), (False, False, 20)]  # 19 keys: 5 blocks of 4 gathered
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 def test_float8_cache_saturates_and_round_trips(fp8: torch.dtype) -> None:
     """`--kv-cache-dtype fp8_*`: keys and values are cast as they are written, clamped to the
